@@ -1,0 +1,279 @@
+"""``bench.toml``: named profiles, validated, with command-line flags layered on top.
+
+A profile may ``extends`` another. Unknown keys and wrong types are errors that name the key and
+the file, because a typo in a benchmark config silently measures the wrong thing.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+NUMBER = (int, float)
+
+# key -> type spec. A spec is a Python type, a tuple of types, ("list", item_spec),
+# ("table", {key: spec}) or ("map", value_spec) for free-form keys (method ids).
+_BUDGET_ITEM = (str, int, float)
+PROFILE_SCHEMA: dict[str, Any] = {
+    "description": str,
+    "extends": str,
+    "methods": (str, ("list", str)),
+    "dataset": str,
+    "data": str,
+    "backbone": str,
+    "checkpoint": str,
+    "budgets": ("map", ("list", _BUDGET_ITEM)),
+    "modes": ("map", str),
+    "device": (str, ("list", str)),
+    "batch_sizes": ("list", int),
+    "precision": (str, ("list", str)),
+    "seed": int,
+    "threads": int,
+    "eval_batch_size": int,
+    "test_samples": int,
+    "out": str,
+    "timing": (
+        "table",
+        {
+            "warmup_iters": int,
+            "min_iters": int,
+            "max_iters": int,
+            "min_seconds": NUMBER,
+            "timing_samples": int,
+            "memory_iters": int,
+        },
+    ),
+    "digits": (
+        "table",
+        {
+            "canvas": int,
+            "digit_size": ("list", int),
+            "clutter": ("list", int),
+            "fragment_size": ("list", int),
+            "split_fractions": ("list", NUMBER),
+            "n_train": int,
+            "n_val": int,
+            "n_test": int,
+            "seed": int,
+        },
+    ),
+    "model": ("table", {"embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": NUMBER, "img_size": int}),
+    "train": (
+        "table",
+        {
+            "epochs": int,
+            "lr": NUMBER,
+            "weight_decay": NUMBER,
+            "batch_size": int,
+            "label_smoothing": NUMBER,
+            "grad_clip": NUMBER,
+            "warmup_epochs": NUMBER,
+            "seed": int,
+        },
+    ),
+}
+FILE_SCHEMA: dict[str, Any] = {"cache_dir": str, "profiles": ("map", ("table", PROFILE_SCHEMA))}
+
+
+def _type_name(spec: Any) -> str:
+    if isinstance(spec, type):
+        return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(spec, spec.__name__)
+    if spec == NUMBER:
+        return "a number"
+    if isinstance(spec, tuple) and spec and spec[0] == "list":
+        return f"a list of {_type_name(spec[1]).removeprefix('a ').removeprefix('an ')}s"
+    if isinstance(spec, tuple) and spec and spec[0] in ("table", "map"):
+        return "a table"
+    if isinstance(spec, tuple):
+        return " or ".join(_type_name(s) for s in spec)
+    return str(spec)
+
+
+def _matches(value: Any, spec: Any) -> bool:
+    if isinstance(spec, type):
+        if spec in (int, float) and isinstance(value, bool):
+            return False
+        return isinstance(value, spec)
+    if spec == NUMBER:
+        return isinstance(value, NUMBER) and not isinstance(value, bool)
+    if isinstance(spec, tuple) and spec and spec[0] == "list":
+        return isinstance(value, list) and all(_matches(v, spec[1]) for v in value)
+    if isinstance(spec, tuple) and spec and spec[0] in ("table", "map"):
+        return isinstance(value, dict)
+    if isinstance(spec, tuple):
+        return any(_matches(value, s) for s in spec)
+    return False
+
+
+def validate(data: dict, schema: dict, where: str, path: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{path}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise UsageError(f"{where}: unknown key '{dotted}' (known keys here: {known})")
+        _check(value, schema[key], where, dotted)
+
+
+def _check(value: Any, spec: Any, where: str, dotted: str) -> None:
+    if isinstance(spec, tuple) and spec and spec[0] == "table":
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: '{dotted}' must be a table, got {type(value).__name__}")
+        validate(value, spec[1], where, dotted + ".")
+        return
+    if isinstance(spec, tuple) and spec and spec[0] == "map":
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: '{dotted}' must be a table, got {type(value).__name__}")
+        for k, v in value.items():
+            _check(v, spec[1], where, f"{dotted}.{k}")
+        return
+    if not _matches(value, spec):
+        raise UsageError(f"{where}: '{dotted}' must be {_type_name(spec)}, got {value!r}")
+
+
+def default_config_path() -> Path:
+    here = Path.cwd() / "bench.toml"
+    return here if here.is_file() else PACKAGE_ROOT / "bench.toml"
+
+
+def load_file(path: Path | None = None) -> tuple[dict, Path]:
+    path = Path(path) if path else default_config_path()
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; pass --config PATH or run from the project folder")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML ({e})") from None
+    validate(data, FILE_SCHEMA, str(path))
+    if not data.get("profiles"):
+        raise UsageError(f"{path}: defines no [profiles.NAME] table")
+    return data, path
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "budgets":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and k == "budgets" and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def profile(data: dict, path: Path, name: str) -> dict:
+    profiles = data["profiles"]
+    chain: list[str] = []
+    current = name
+    merged: dict = {}
+    while current:
+        if current not in profiles:
+            known = ", ".join(profiles)
+            what = "profile" if current == name else f"profile '{chain[-1]}' extends unknown profile"
+            raise UsageError(f"{path}: unknown {what} '{current}' (profiles: {known})")
+        if current in chain:
+            raise UsageError(f"{path}: profiles extend each other in a loop: {' -> '.join(chain + [current])}")
+        chain.append(current)
+        merged = _merge(profiles[current], merged)
+        current = profiles[current].get("extends", "")
+    merged.pop("extends", None)
+    return merged
+
+
+def as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+@dataclass
+class Timing:
+    warmup_iters: int = 5
+    min_iters: int = 20
+    max_iters: int = 200
+    min_seconds: float = 1.0
+    timing_samples: int = 256
+    memory_iters: int = 2
+
+
+@dataclass
+class RunConfig:
+    """A profile with flags applied: everything a run needs, and what its manifest records."""
+
+    profile: str
+    config_path: str
+    methods: list[str]
+    dataset: str
+    data: str | None
+    backbone: str
+    checkpoint: str | None
+    budgets: dict[str, list]
+    modes: dict[str, str]
+    devices: list[str]
+    batch_sizes: list[int]
+    precisions: list[str]
+    seed: int
+    threads: int | None
+    eval_batch_size: int
+    test_samples: int | None
+    out: str
+    timing: Timing
+    digits: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    retrain: bool = False
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        d["timing"] = Timing(**d.get("timing", {}))
+        return cls(**d)
+
+
+def resolve(profile_name: str, config_path: Path | None = None, **flags: Any) -> RunConfig:
+    """Profile from the file, then every flag that was given (not None) on top."""
+    data, path = load_file(config_path)
+    p = profile(data, path, profile_name)
+    over = {k: v for k, v in flags.items() if v is not None}
+    timing = Timing(**p.get("timing", {}))
+    cfg = RunConfig(
+        profile=profile_name,
+        config_path=str(path),
+        methods=as_list(over.get("methods", p.get("methods", "all"))),
+        dataset=over.get("dataset", p.get("dataset", "digits")),
+        data=over.get("data", p.get("data")) or None,
+        backbone=over.get("backbone", p.get("backbone", "digits_vit")),
+        checkpoint=over.get("checkpoint", p.get("checkpoint")) or None,
+        budgets={k: list(v) for k, v in p.get("budgets", {}).items()},
+        modes=dict(p.get("modes", {})),
+        devices=as_list(over.get("device", p.get("device", "cpu"))),
+        batch_sizes=[int(b) for b in as_list(over.get("batch_sizes", p.get("batch_sizes", [1, 32])))],
+        precisions=as_list(over.get("precision", p.get("precision", "fp32"))),
+        seed=int(over.get("seed", p.get("seed", 0))),
+        threads=over.get("threads", p.get("threads")),
+        eval_batch_size=int(p.get("eval_batch_size", 64)),
+        test_samples=over.get("test_samples", p.get("test_samples")),
+        out=over.get("out", p.get("out", "results")),
+        timing=timing,
+        digits=dict(p.get("digits", {})),
+        model=dict(p.get("model", {})),
+        train=dict(p.get("train", {})),
+        retrain=bool(over.get("retrain", False)),
+    )
+    if "budgets" in over:
+        cfg.budgets.update(over["budgets"])
+    return cfg

@@ -1,0 +1,160 @@
+"""Results that are never lost: ``results/<run-id>/`` with a manifest and one record per cell.
+
+Each finished cell is written at once, atomically (write to a temporary file, fsync, rename), so
+a run killed at any moment leaves a readable ``records.jsonl`` that ``pandas.read_json(...,
+lines=True)`` loads in one call, and ``--resume`` can finish it without repeating a cell.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+MANIFEST = "manifest.json"
+RECORDS = "records.jsonl"
+IDENTITY = ("method", "budget", "mode", "device", "precision", "batch_size")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with __import__("contextlib").suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_jsonable, allow_nan=True)
+
+
+def cell_key(record: dict) -> str:
+    return "|".join(str(record[k]) for k in IDENTITY)
+
+
+def ensure_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UsageError(f"results folder {root} cannot be written ({e.strerror or e}); pass --out to a writable folder") from None
+
+
+class Run:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def create(cls, root: Path, profile: str, manifest: dict) -> "Run":
+        ensure_writable(root)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = root / f"{stamp}-{profile}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = root / f"{stamp}-{profile}-{n}"
+        path.mkdir(parents=True)
+        run = cls(path)
+        run.write_manifest(manifest)
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "Run":
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise UsageError(f"{path} is not a bench run (no {MANIFEST}); pass a folder under results/")
+        return cls(path)
+
+    @staticmethod
+    def latest(root: Path) -> "Run":
+        runs = sorted((p for p in Path(root).glob("*") if (p / MANIFEST).is_file()), key=lambda p: p.name)
+        if not runs:
+            raise UsageError(f"no runs under {root}; start one with `bench run`")
+        return Run(runs[-1])
+
+    @staticmethod
+    def find(root: Path, ref: str) -> "Run":
+        """A run by id (folder name under ``root``), by path, or ``latest``."""
+        if ref == "latest":
+            return Run.latest(root)
+        p = Path(ref)
+        if (p / MANIFEST).is_file():
+            return Run(p)
+        if (Path(root) / ref / MANIFEST).is_file():
+            return Run(Path(root) / ref)
+        if p.exists() or (Path(root) / ref).exists():
+            return Run.open(p if p.exists() else Path(root) / ref)
+        raise UsageError(f"no run '{ref}' (looked for {p} and {Path(root) / ref}); `ls {root}` lists runs")
+
+    def manifest(self) -> dict:
+        try:
+            return json.loads((self.path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"{self.path / MANIFEST} cannot be read ({e}); the run folder is damaged") from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=2, default=_jsonable) + "\n").encode())
+
+    def records(self) -> list[dict]:
+        path = self.path / RECORDS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def done_keys(self) -> set[str]:
+        return {cell_key(r) for r in self.records()}
+
+    def add_record(self, record: dict, raw: dict[str, np.ndarray] | None = None) -> None:
+        """Append one finished cell: the whole file is rewritten atomically, never half-written."""
+        key = cell_key(record)
+        existing = [r for r in self.records() if cell_key(r) != key]
+        if raw:
+            raw_name = f"raw/{_safe(key)}.npz"
+            raw_path = self.path / raw_name
+            raw_path.parent.mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=raw_path.parent, suffix=".npz", delete=False) as f:
+                np.savez_compressed(f, **raw)
+            os.replace(f.name, raw_path)
+            record = {**record, "raw": raw_name}
+        lines = [dumps(r) for r in existing + [record]]
+        atomic_write(self.path / RECORDS, ("\n".join(lines) + "\n").encode())
+
+    def dataframe(self):
+        import pandas as pd
+
+        path = self.path / RECORDS
+        if not path.is_file() or not path.read_text().strip():
+            return pd.DataFrame()
+        return pd.read_json(path, lines=True)
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)

@@ -1,0 +1,36 @@
+"""Adaptive vision transformers behind one small public API (DESIGN.md "Python API").
+
+    import timm, methods
+    model = methods.build("deit", timm.create_model("deit_small_patch16_224"))
+    logits = model(images)
+    methods.trace(model).gmacs   # (B,) multiply-accumulates of each sample, in G
+"""
+from . import backbones  # noqa: F401  (registers the embedded-default backbones with timm)
+from . import dense  # noqa: F401  (registers `deit`)
+from .base import TracedViT, trace
+from .macs import ViTShape, vit_shape
+from .registry import Knob, MethodSpec, TrainData, available, build, get, register
+from .trace import Trace
+
+# Method modules register themselves on import; optional ones are added here as they land.
+for _name in ("ats", "avit", "adavit"):
+    try:
+        __import__(f"{__name__}.{_name}")
+    except ModuleNotFoundError as _e:  # not written yet
+        if _e.name != f"{__name__}.{_name}":
+            raise
+
+__all__ = [
+    "Knob",
+    "MethodSpec",
+    "Trace",
+    "TrainData",
+    "TracedViT",
+    "ViTShape",
+    "available",
+    "build",
+    "get",
+    "register",
+    "trace",
+    "vit_shape",
+]

@@ -1,0 +1,34 @@
+"""The dense reference (`deit`): any timm VisionTransformer, run unchanged (DESIGN.md method ids)."""
+from __future__ import annotations
+
+import torch
+
+from .base import TracedViT, adapt
+from .registry import MethodSpec, register
+
+
+class DenseViT(TracedViT):
+    bench_method = "deit"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = super().forward(x)
+        shape = self.bench_shape
+        tokens = torch.full((x.shape[0], shape.depth), shape.num_tokens, dtype=torch.int64)
+        self.record(tokens)
+        return logits
+
+
+def _build(vit, mode: str):
+    return adapt(vit, DenseViT, mode, {})
+
+
+SPEC = register(
+    MethodSpec(
+        id="deit",
+        paper="Touvron et al. 2021, Training data-efficient image transformers (DeiT)",
+        arxiv="2012.12877",
+        summary="dense reference: every token through every block",
+        build=_build,
+        modes=("compact",),
+    )
+)

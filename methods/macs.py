@@ -1,0 +1,180 @@
+"""Closed-form multiply-accumulate counts for timm VisionTransformers (METHODS.md section 0).
+
+Convention (fvcore's, which is what all three papers call "GFLOPs"): one multiply-add = 1, linear
+layers count ``rows * in * out`` (bias free), LayerNorm counts 5 per element, BatchNorm in eval 2
+per element (affine), convolutions ``out_elems * in/groups * kh * kw``; softmax, GELU, residual
+adds and the attention scale count 0. For a pre-LN block with N tokens, width C, attention width A
+(= C for timm ViTs) and MLP hidden width H (= r*C):
+
+    block(N) = 3*N*C*A + 2*N^2*A + N*A*C + 2*N*C*H + 10*N*C
+             = (3 + 1 + 2r)*N*C^2 + 2*N^2*C + 10*N*C       when A = C, H = r*C
+
+which gives DeiT-T 1.258, DeiT-S 4.608, DeiT-B 17.582 GMACs at 224 (METHODS.md test 1). The
+functions below take plain ints or tensors of token counts, so a per-sample trace turns into
+per-sample GMACs without touching the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+
+Count = Union[int, float, torch.Tensor]
+
+
+def linear(rows: Count, fan_in: int, fan_out: int) -> Count:
+    return rows * fan_in * fan_out
+
+
+def layernorm(rows: Count, width: int) -> Count:
+    return 5 * rows * width
+
+
+def attention_matmuls(queries: Count, keys: Count, attn_dim: int) -> Count:
+    """q @ k^T plus attn @ v: each is queries * keys * attn_dim MACs."""
+    return 2 * queries * keys * attn_dim
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """The numbers of a timm VisionTransformer that the closed forms need."""
+
+    embed_dim: int
+    attn_dim: int
+    mlp_hidden: int
+    num_heads: int
+    depth: int
+    num_prefix_tokens: int
+    num_patches: int
+    num_classes: int
+    embed_macs: int  # patch embedding (or conv stem) per sample
+    head_macs: int  # fc_norm + classifier per sample (the final norm depends on tokens)
+    final_norm_is_ln: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    def block(self, n_in: Count, n_out: Count | None = None) -> Count:
+        """One pre-LN block. With ``n_out`` < ``n_in`` (ATS-style sampling inside the block), the
+        queries kept after attention are ``n_out``: qkv and LN1 on n_in, q@k^T on n_in^2, attn@v on
+        n_out*n_in, proj / LN2 / MLP on n_out (METHODS.md test 18)."""
+        c, a, h = self.embed_dim, self.attn_dim, self.mlp_hidden
+        if n_out is None:
+            n_out = n_in
+        return (
+            layernorm(n_in, c)
+            + linear(n_in, c, 3 * a)
+            + n_in * n_in * a
+            + n_out * n_in * a
+            + linear(n_out, a, c)
+            + layernorm(n_out, c)
+            + linear(n_out, c, h)
+            + linear(n_out, h, c)
+        )
+
+    def final(self, n_final: Count) -> Count:
+        """Final norm over the tokens left at the end, then pooling and the classifier."""
+        norm = layernorm(n_final, self.embed_dim) if self.final_norm_is_ln else 0
+        return norm + self.head_macs
+
+    def dense_gmacs(self) -> float:
+        n = self.num_tokens
+        return (self.embed_macs + self.depth * self.block(n) + self.final(n)) / 1e9
+
+    def gmacs_from_tokens(self, tokens: torch.Tensor, n_final: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample GMACs of a model whose blocks each see ``tokens[b, l]`` tokens (dense blocks
+        over a per-sample token count, as in A-ViT after token zipping)."""
+        t = tokens.to(torch.float64)
+        if n_final is None:
+            n_final = t[:, -1]
+        macs = self.embed_macs + self.block(t).sum(dim=1) + self.final(n_final.to(torch.float64))
+        return macs / 1e9
+
+
+def _leaf_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return out[0].numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return (out[0].numel() // module.out_features) * module.in_features * module.out_features
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return inp[0].numel() * (2 if module.affine else 1)
+    if isinstance(module, nn.LayerNorm):
+        return inp[0].numel() * (5 if module.elementwise_affine else 4)
+    if any(p is not None for p in module.parameters(recurse=False)):
+        raise NotImplementedError(
+            f"no closed form for a {type(module).__name__} in the patch embedding; add one to methods/macs.py"
+        )
+    return 0
+
+
+@torch.no_grad()
+def _module_macs(module: nn.Module, example: torch.Tensor) -> int:
+    """MACs of ``module`` on one sample, by walking its leaf modules with the shapes they see."""
+    total = 0
+
+    def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        total += _leaf_macs(m, inp, out if isinstance(out, torch.Tensor) else out[0])
+
+    leaves = [m for m in module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = module.training
+    try:
+        module.eval()
+        module(example)
+    finally:
+        module.train(was_training)
+        for h in handles:
+            h.remove()
+    return int(total)
+
+
+def vit_shape(vit: nn.Module) -> ViTShape:
+    """Read the closed-form parameters off a timm VisionTransformer (cached on the module)."""
+    cached = getattr(vit, "_bench_vit_shape", None)
+    if cached is not None:
+        return cached
+    blocks = list(vit.blocks)
+    blk = blocks[0]
+    attn = blk.attn
+    embed_dim = vit.embed_dim
+    attn_dim = attn.qkv.out_features // 3
+    mlp_hidden = blk.mlp.fc1.out_features
+    pe = vit.patch_embed
+    in_chans = _first_conv_in_channels(pe)
+    h, w = pe.img_size
+    param = next(vit.parameters())
+    example = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
+    embed_macs = _module_macs(pe, example)
+    head_macs = 0
+    fc_norm = getattr(vit, "fc_norm", nn.Identity())
+    if isinstance(fc_norm, nn.LayerNorm):
+        head_macs += layernorm(1, embed_dim)
+    if isinstance(vit.head, nn.Linear):
+        head_macs += linear(1, vit.head.in_features, vit.head.out_features)
+    shape = ViTShape(
+        embed_dim=embed_dim,
+        attn_dim=attn_dim,
+        mlp_hidden=mlp_hidden,
+        num_heads=attn.num_heads,
+        depth=len(blocks),
+        num_prefix_tokens=vit.num_prefix_tokens,
+        num_patches=pe.num_patches,
+        num_classes=vit.num_classes,
+        embed_macs=embed_macs,
+        head_macs=int(head_macs),
+        final_norm_is_ln=isinstance(vit.norm, nn.LayerNorm),
+    )
+    vit.__dict__["_bench_vit_shape"] = shape  # plain attribute, not a registered buffer
+    return shape
+
+
+def _first_conv_in_channels(module: nn.Module) -> int:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise ValueError("the patch embedding has no Conv2d; cannot infer its input channels")
