@@ -139,6 +139,14 @@ def _stats(seconds: list[float], batch: int) -> dict:
     }
 
 
+def batch_of(inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The first ``batch_size`` inputs, cycling through them when there are fewer."""
+    if inputs.shape[0] >= batch_size:
+        return inputs[:batch_size]
+    reps = -(-batch_size // inputs.shape[0])
+    return inputs.repeat(reps, *([1] * (inputs.dim() - 1)))[:batch_size]
+
+
 @torch.inference_mode()
 def time_side_by_side(
     model: nn.Module,
@@ -162,11 +170,9 @@ def time_side_by_side(
     model.eval()
     if reference is not None:
         reference.eval()
+    if inputs.shape[0] < batch_size:
+        inputs = batch_of(inputs, batch_size)
     n = inputs.shape[0]
-    if n < batch_size:
-        reps = -(-batch_size // n)
-        inputs = inputs.repeat(reps, *([1] * (inputs.dim() - 1)))
-        n = inputs.shape[0]
     starts = list(range(0, n - batch_size + 1, batch_size)) or [0]
     clock = Clock(device)
     extras: list[dict] = []

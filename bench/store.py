@@ -153,7 +153,7 @@ class Run:
         path = self.path / RECORDS
         if not path.is_file() or not path.read_text().strip():
             return pd.DataFrame()
-        return pd.read_json(path, lines=True)
+        return pd.read_json(path, lines=True, dtype=False)  # keep '2111.15667' and '0.50' as text
 
 
 def _safe(key: str) -> str:

@@ -45,19 +45,25 @@ class DigitsConfig:
 MEAN, STD = 0.5, 0.5  # canvases hold ink in [0, 1]; the model sees (x - 0.5) / 0.5
 
 
-def source_split(cfg: DigitsConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Partition the 1797 source digits into disjoint train / val / test sets."""
+def _load_sources() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = (d.images / 16.0).astype(np.float32)
-    labels = d.target.astype(np.int64)
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(labels))
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def source_indices(cfg: DigitsConfig) -> dict[str, np.ndarray]:
+    """Partition the indices of the 1797 source digits into disjoint train / val / test sets."""
+    n = 1797
+    order = np.random.default_rng(cfg.seed).permutation(n)
     fr = np.asarray(cfg.split_fractions, dtype=float)
-    cuts = np.floor(np.cumsum(fr / fr.sum())[:-1] * len(order)).astype(int)
-    parts = np.split(order, cuts)
-    return {name: (images[idx], labels[idx]) for name, idx in zip(SPLITS, parts)}
+    cuts = np.floor(np.cumsum(fr / fr.sum())[:-1] * n).astype(int)
+    return dict(zip(SPLITS, np.split(order, cuts)))
+
+
+def source_split(cfg: DigitsConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    images, labels = _load_sources()
+    return {name: (images[idx], labels[idx]) for name, idx in source_indices(cfg).items()}
 
 
 def _upscale_all(images: np.ndarray, side: int) -> np.ndarray:

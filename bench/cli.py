@@ -1,0 +1,273 @@
+"""The ``bench`` command line (typer)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compare adaptive vision transformers (ATS, A-ViT, AdaViT) with the dense ViT: accuracy, "
+    "per-sample GMACs, latency, throughput and memory.",
+)
+console = Console()
+err = Console(stderr=True)
+
+METHODS_HELP = "Methods: 'all' or a comma list of ids (`bench list methods`); the dense 'deit' is always included."
+
+
+def _reporter(quiet: bool):
+    from .progress import Reporter
+
+    return Reporter(console=err, quiet=quiet)
+
+
+@app.command()
+def run(
+    methods_: Optional[str] = typer.Option(None, "--methods", "-m", help=METHODS_HELP),
+    profile: str = typer.Option("default", "--profile", "-p", help="Profile in bench.toml (`bench list profiles`)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits')."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="timm VisionTransformer name, or digits_vit."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5,0.75;avit=20,30'."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (comma list for several)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma list of batch sizes to time, e.g. 1,32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (autocast); comma list for several."),
+    out: Optional[str] = typer.Option(None, "--out", help="Results root folder (a run goes to OUT/<run-id>)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Finish an interrupted run: its id, path, or nothing for the latest."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (timing sample choice, anything random at evaluation)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the backbone (and fine-tuned methods) even if cached or shipped."),
+    config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read (default: ./bench.toml, then the project's)."),
+    reports: str = typer.Option("reports", "--reports", help="Folder for the report written at the end."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Benchmark methods x budgets x devices x precisions x batch sizes and write results and a report."""
+    from . import budgets as budgets_mod
+    from . import config as config_mod
+    from . import report as report_mod
+    from . import runner
+
+    flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint,
+                 device=device, batch_sizes=batch_sizes, precision=precision, out=out, seed=seed, threads=threads,
+                 retrain=retrain or None)
+    if budgets:
+        flags["budgets"] = budgets_mod.parse_cli(budgets)
+    if batch_sizes:
+        try:
+            flags["batch_sizes"] = [int(b) for b in batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            raise UsageError(f"--batch-sizes '{batch_sizes}' must be a comma list of integers, e.g. 1,32") from None
+    cfg = config_mod.resolve(profile, config, **flags)
+    if resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in ("retrain", "out")]
+        if given:
+            raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
+    reporter = _reporter(quiet)
+    result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
+    records = result.records()
+    _summary(records, result)
+    report_folder = report_mod.write([result], Path(reports))
+    console.print(f"results: {result.path}")
+    console.print(f"report:  {report_folder / 'leaderboard.md'}")
+
+
+def _summary(records: list[dict], run) -> None:
+    """One line per model configuration; batch sizes side by side as img/s and speedup over dense."""
+    if not records:
+        return
+    import pandas as pd
+
+    df = pd.DataFrame(records)
+    batch_sizes = sorted(df["batch_size"].unique())
+    varying = [k for k in ("mode", "device", "precision") if df[k].nunique() > 1]
+    fixed = ", ".join(f"{df[k].iloc[0]}" for k in ("device", "precision") if k not in varying)
+    table = Table(title=f"run {run.id} ({fixed})" if fixed else f"run {run.id}")
+    for col in ["method", "budget", *varying]:
+        table.add_column(col)
+    for col in ("top-1 % [95% CI]", "GMACs", "ratio"):
+        table.add_column(col, justify="right")
+    for bs in batch_sizes:
+        table.add_column(f"bs{bs} img/s (speedup)", justify="right")
+    if 1 in batch_sizes:
+        table.add_column("bs1 p90 ms", justify="right")
+    for _, g in df.groupby(["method", "budget", "mode", "device", "precision"], sort=False):
+        r = g.iloc[0]
+        row = [r["method"], str(r["budget"]), *[str(r[k]) for k in varying],
+               f"{r['top1']:.1f} [{r['top1_ci_low']:.1f}, {r['top1_ci_high']:.1f}]", f"{r['gmacs']:.4f}", f"{r['gmacs_ratio']:.2f}"]
+        for bs in batch_sizes:
+            hit = g[g["batch_size"] == bs]
+            row.append(f"{hit['img_per_s'].iloc[0]:.0f} ({hit['speedup'].iloc[0]:.2f}x)" if len(hit) else "-")
+        if 1 in batch_sizes:
+            hit = g[g["batch_size"] == 1]
+            row.append(f"{hit['latency_ms_p90'].iloc[0]:.2f}" if len(hit) else "-")
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def report(
+    runs: Optional[list[str]] = typer.Argument(None, help="Run ids or paths (default: the latest run)."),
+    results: str = typer.Option("results", "--results", help="Results root to look runs up in."),
+    out: str = typer.Option("reports", "--out", help="Reports root folder."),
+) -> None:
+    """Write the leaderboard (Markdown and CSV) of one or more runs under reports/."""
+    from . import report as report_mod
+    from .store import Run
+
+    chosen = [Run.find(Path(results), r) for r in (runs or ["latest"])]
+    folder = report_mod.write(chosen, Path(out))
+    console.print(f"report: {folder / 'leaderboard.md'}")
+    console.print(f"csv:    {folder / 'leaderboard.csv'}")
+
+
+LIST_WHAT = ("methods", "datasets", "profiles", "budgets")
+
+
+@app.command("list")
+def list_(
+    what: Optional[str] = typer.Argument(None, help=f"One of {', '.join(LIST_WHAT)} (default: all)."),
+    profile: str = typer.Option("default", "--profile", "-p", help="Profile whose budgets to show."),
+    config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read."),
+) -> None:
+    """List methods, data sets, profiles and budgets."""
+    import methods as methods_pkg
+
+    from . import budgets as budgets_mod
+    from . import config as config_mod
+    from . import datasets
+
+    if what is not None and what not in LIST_WHAT:
+        raise UsageError(f"cannot list '{what}'; choose one of {', '.join(LIST_WHAT)}")
+    if what in (None, "methods"):
+        t = Table(title="methods")
+        for c in ("id", "arXiv", "paper", "modes", "knobs (primary first)"):
+            t.add_column(c)
+        for s in methods_pkg.available():
+            knobs = sorted(s.knobs, key=lambda k: k.name != s.primary_knob)
+            t.add_row(s.id, s.arxiv, s.paper, ", ".join(s.modes), ", ".join(f"{k.name}={k.default!r}" for k in knobs) or "-")
+        console.print(t)
+    if what in (None, "datasets"):
+        t = Table(title="data sets")
+        t.add_column("id")
+        t.add_column("what")
+        for k, (desc, _) in datasets.DATASETS.items():
+            t.add_row(k, desc)
+        console.print(t)
+    if what in (None, "profiles", "budgets"):
+        data, path = config_mod.load_file(config)
+    if what in (None, "profiles"):
+        t = Table(title=f"profiles ({path})")
+        for c in ("profile", "description", "data set", "backbone", "batch sizes"):
+            t.add_column(c)
+        for name in data["profiles"]:
+            p = config_mod.profile(data, path, name)
+            t.add_row(name, p.get("description", ""), p.get("dataset", "digits"), p.get("backbone", "digits_vit"),
+                      ",".join(str(b) for b in p.get("batch_sizes", [1, 32])))
+        console.print(t)
+    if what in (None, "budgets"):
+        p = config_mod.profile(data, path, profile)
+        t = Table(title=f"budgets of profile '{profile}'")
+        t.add_column("method")
+        t.add_column("budgets")
+        t.add_column("knobs")
+        for s in methods_pkg.available():
+            bl = budgets_mod.for_method(s.id, {k: list(v) for k, v in p.get("budgets", {}).items()})
+            t.add_row(s.id, ", ".join(budgets_mod.label(b) for b in bl),
+                      "; ".join(str(budgets_mod.parse(s.id, b) or "defaults") for b in bl))
+        console.print(t)
+
+
+@app.command()
+def train(
+    target: str = typer.Argument("backbone", help="'backbone', or a method id that needs fine-tuning."),
+    profile: str = typer.Option("default", "--profile", "-p", help="Profile in bench.toml."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Budget whose training knobs to fine-tune for."),
+    ship: bool = typer.Option(False, "--ship", help="Write into bench/assets (checkpoints shipped with the project)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train the embedded-default backbone (or fine-tune a method) and cache the checkpoint."""
+    import methods as methods_pkg
+
+    from . import budgets as budgets_mod
+    from . import cache, datasets, runner
+    from . import config as config_mod
+
+    cfg = config_mod.resolve(profile, config, retrain=True)
+    reporter = _reporter(quiet)
+    if cfg.dataset != "digits" or cfg.backbone != "digits_vit":
+        raise UsageError("bench train works on the embedded default (dataset digits, backbone digits_vit)")
+    evalset = datasets.load(cfg)
+    if target == "backbone":
+        vit = runner.create_backbone(cfg, evalset)
+        key = cache.config_key(runner.backbone_key(cfg))
+        path = runner.train_backbone(cfg, vit, key, reporter, folder=cache.ASSETS if ship else None)
+    else:
+        spec = methods_pkg.get(target) if target in [s.id for s in methods_pkg.available()] else None
+        if spec is None:
+            raise UsageError(f"unknown training target '{target}'; use 'backbone' or a method id (`bench list methods`)")
+        if spec.train is None:
+            raise UsageError(f"method '{target}' has no training (it is training-free)")
+        cfg.retrain = False
+        vit, info = runner.prepare_backbone(cfg, evalset, reporter)
+        cfg.retrain = True
+        knobs = budgets_mod.parse(target, budget) if budget else {}
+        runner.method_weights(cfg, spec, vit, knobs, info, reporter)
+        return
+    console.print(f"checkpoint: {path}")
+    console.print(f"sha256:     {cache.file_sha256(path)}")
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """``--resume`` with no value means the latest run."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, "latest")
+            break
+    return out
+
+
+def main() -> None:
+    from methods.backbones import CheckpointError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
+    args = _normalise_argv(sys.argv[1:])
+    try:
+        app(args=args, prog_name="bench", standalone_mode=False)
+    except (UsageError, CheckpointError) as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as e:  # click reports usage errors and Ctrl-C this way when not standalone
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            _interrupted()
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+def _interrupted() -> None:
+    err.print("[bold red]interrupted:[/] cells finished so far are saved; finish with `bench run --resume`", soft_wrap=True)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``bench report``: leaderboards (Markdown and CSV) under ``reports/`` from one or more runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UsageError
+from .store import Run, atomic_write
+
+# Units live in column names (DESIGN.md "Contracts worth keeping stable").
+COLUMNS = [
+    "method", "arxiv", "backbone", "checkpoint", "mode", "budget", "dataset", "device", "precision", "batch_size",
+    "top1", "top1_ci_low", "top1_ci_high", "top5", "gmacs", "gmacs_p50", "gmacs_p90", "gmacs_ratio",
+    "param_count_m", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "img_per_s", "img_per_s_iqr",
+    "speedup", "padding_waste", "peak_mem_mb", "n_samples", "device_name", "threads", "run_id",
+]
+
+
+def load(runs: list[Run]) -> pd.DataFrame:
+    frames = []
+    for run in runs:
+        df = run.dataframe()
+        if df.empty:
+            raise UsageError(f"run {run.path} has no finished cells yet; finish it with `bench run --resume {run.id}`")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in COLUMNS if c in df.columns]
+    out = df[cols].copy()
+    order = {m: i for i, m in enumerate(dict.fromkeys(out["method"]))}
+    out["_m"] = out["method"].map(order)
+    out = out.sort_values(["dataset", "device", "precision", "batch_size", "_m", "gmacs"], ascending=[True, True, True, True, True, False])
+    return out.drop(columns="_m").reset_index(drop=True)
+
+
+def markdown(df: pd.DataFrame, runs: list[Run]) -> str:
+    lines = ["# bench leaderboard", ""]
+    for run in runs:
+        m = run.manifest()
+        lines.append(
+            f"- run `{run.id}`: profile `{m.get('profile')}`, backbone `{m.get('backbone', {}).get('name')}` "
+            f"(checkpoint `{Path(str(m.get('checkpoint', ''))).name}`, sha256 `{str(m.get('checkpoint_sha256', ''))[:12]}`), "
+            f"torch {m.get('versions', {}).get('torch')}, timm {m.get('versions', {}).get('timm')}, "
+            f"{m.get('threads')} threads, commit `{str((m.get('git') or {}).get('commit'))[:10]}`, status {m.get('status')}"
+        )
+    lines += [
+        "",
+        "gmacs: multiply-accumulates per sample (fvcore convention, mean over the test list), from each sample's "
+        "trace. speedup: dense median time / method median time, measured interleaved in the same process. "
+        "top1 CI: 95% Wilson interval.",
+        "",
+    ]
+    show = df.copy()
+    show["top1"] = [f"{t:.2f} [{lo:.1f}, {hi:.1f}]" for t, lo, hi in zip(df["top1"], df["top1_ci_low"], df["top1_ci_high"])]
+    show = show.drop(columns=[c for c in ("top1_ci_low", "top1_ci_high", "run_id", "device_name") if c in show.columns])
+    lines.append(show.to_markdown(index=False, floatfmt=".4g"))
+    return "\n".join(lines) + "\n"
+
+
+def write(runs: list[Run], out_root: Path) -> Path:
+    df = leaderboard(load(runs))
+    name = "+".join(r.id for r in runs)
+    folder = Path(out_root) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"report folder {folder} cannot be written ({e.strerror or e}); pass --out") from None
+    atomic_write(folder / "leaderboard.csv", df.to_csv(index=False, float_format="%.6g").encode())
+    atomic_write(folder / "leaderboard.md", markdown(df, runs).encode())
+    return folder

@@ -1,0 +1,409 @@
+"""``bench run``: config -> (data, methods, measure) -> results (DESIGN.md "The shape of the code")."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import methods
+from methods.backbones import CheckpointError, load_checkpoint
+
+from . import budgets as budgets_mod
+from . import cache, datasets, measure
+from .config import RunConfig
+from .data import digits
+from .errors import UsageError
+from .progress import Reporter
+from .store import Run, cell_key
+from .train import TrainConfig, train_digits_backbone
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def resolve_methods(names: list[str]) -> list[str]:
+    known = [s.id for s in methods.available()]
+    if not names or names == ["all"]:
+        return known
+    out = []
+    for n in names:
+        if n == "all":
+            out.extend(m for m in known if m not in out)
+        elif n not in known:
+            raise UsageError(f"unknown method '{n}'; known methods: {', '.join(known)} (`bench list methods`)")
+        elif n not in out:
+            out.append(n)
+    if "deit" not in out:
+        out.insert(0, "deit")  # the dense reference is always measured: every ratio needs it
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device '{name}' requested but no CUDA GPU is visible; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device '{name}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    raise UsageError(f"device '{name}' is not supported; use cpu, cuda or cuda:N")
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def validate(cfg: RunConfig) -> tuple[list[str], list[torch.device]]:
+    method_ids = resolve_methods(cfg.methods)
+    devices = [resolve_device(d) for d in cfg.devices]
+    for p in cfg.precisions:
+        if p not in measure.PRECISIONS:
+            raise UsageError(f"unknown precision '{p}'; use one of {', '.join(measure.PRECISIONS)}")
+    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
+        raise UsageError(f"batch sizes must be positive integers, got {cfg.batch_sizes}")
+    for m in cfg.budgets:
+        if m not in [s.id for s in methods.available()]:
+            raise UsageError(f"budgets given for unknown method '{m}'; known: {', '.join(s.id for s in methods.available())}")
+    for m in method_ids:  # parse every budget now, so a typo fails before any work
+        for b in budgets_mod.for_method(m, cfg.budgets):
+            budgets_mod.parse(m, b)
+    if cfg.dataset not in datasets.DATASETS:
+        raise UsageError(f"unknown data set '{cfg.dataset}'; known: {', '.join(datasets.DATASETS)} (`bench list datasets`)")
+    return method_ids, devices
+
+
+# ----------------------------------------------------------------------------------------------
+# backbone and fine-tuned weights
+
+
+def train_config(cfg: RunConfig) -> TrainConfig:
+    try:
+        return TrainConfig(**cfg.train)
+    except TypeError as e:
+        raise UsageError(f"{cfg.config_path}: bad [train] table ({e})") from None
+
+
+def backbone_key(cfg: RunConfig) -> dict:
+    return {
+        "backbone": cfg.backbone,
+        "model": cfg.model,
+        "digits": datasets.digits_config(cfg).key(),
+        "train": train_config(cfg).key(),
+    }
+
+
+def create_backbone(cfg: RunConfig, evalset: datasets.EvalSet) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = dict(cfg.model)
+    if cfg.dataset == "digits":
+        kwargs.update(num_classes=evalset.num_classes, in_chans=evalset.in_chans, img_size=evalset.img_size)
+    try:
+        vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UsageError(f"unknown backbone '{cfg.backbone}'; use a timm VisionTransformer name (e.g. deit_small_patch16_224) or digits_vit") from None
+        raise
+    except TypeError as e:
+        raise UsageError(f"backbone '{cfg.backbone}' does not take these [model] settings: {e}") from None
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(vit, VisionTransformer):
+        raise UsageError(f"backbone '{cfg.backbone}' is a {type(vit).__name__}, not a timm VisionTransformer")
+    return vit
+
+
+def prepare_backbone(cfg: RunConfig, evalset: datasets.EvalSet, reporter: Reporter) -> tuple[nn.Module, dict]:
+    """The dense backbone with its weights: a given checkpoint, a cached or shipped one, or trained now."""
+    vit = create_backbone(cfg, evalset)
+    if cfg.checkpoint == "random":
+        reporter.print("[yellow]checkpoint 'random': random weights, speed and compute only (accuracy is meaningless)")
+        return vit.eval(), {"checkpoint": "random", "checkpoint_sha256": ""}
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        try:
+            load_checkpoint(vit, path)
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
+        return vit.eval(), {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path)}
+    if cfg.dataset != "digits" or cfg.backbone != "digits_vit":
+        raise UsageError(
+            f"no checkpoint for backbone '{cfg.backbone}' on '{cfg.dataset}': pass --checkpoint PATH "
+            "(weights are never downloaded) or --checkpoint random for speed-only runs"
+        )
+    key = cache.config_key(backbone_key(cfg))
+    path = None if cfg.retrain else cache.find("digits_vit", key)
+    if path is None:
+        path = train_backbone(cfg, vit, key, reporter)
+    else:
+        reporter.print(f"backbone: cached checkpoint {path}")
+    load_checkpoint(vit, path)
+    return vit.eval(), {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path), "checkpoint_key": key}
+
+
+def train_backbone(cfg: RunConfig, vit: nn.Module, key: str, reporter: Reporter, folder: Path | None = None) -> Path:
+    tc = train_config(cfg)
+    reporter.print(f"backbone: no cached checkpoint for this configuration (key {key}); training {cfg.backbone} ({tc.epochs} epochs)")
+    metrics = train_digits_backbone(vit, datasets.digits_config(cfg), tc, reporter)
+    meta = {"key": backbone_key(cfg), "val_top1": metrics["val_top1"], "train_seconds": round(metrics["train_seconds"], 1)}
+    path = cache.save(vit.state_dict(), "digits_vit", key, meta, folder)
+    reporter.print(f"backbone: val top-1 {metrics['val_top1']:.2%} after {metrics['train_seconds']:.0f} s; saved {path}")
+    return path
+
+
+def method_train_data(cfg: RunConfig, device: torch.device, batch_size: int) -> methods.TrainData:
+    dc = datasets.digits_config(cfg)
+    steps = -(-dc.n_train // batch_size)
+
+    def batches(epoch: int):
+        x, y = digits.make_split(dc, "train", epoch=10_000 + epoch)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
+        for i in range(steps):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            yield digits.normalize(x[idx]).to(device), y[idx].to(device)
+
+    def val_batches():
+        x, y = digits.make_split(dc, "val")
+        for i in range(0, len(y), 256):
+            yield digits.normalize(x[i : i + 256]).to(device), y[i : i + 256].to(device)
+
+    return methods.TrainData(batches=batches, steps_per_epoch=steps, val_batches=val_batches, num_classes=10)
+
+
+def method_weights(
+    cfg: RunConfig, spec: methods.MethodSpec, vit: nn.Module, knobs: dict, backbone_info: dict, reporter: Reporter
+) -> tuple[dict | None, dict]:
+    """Fine-tuned state dict for methods that train (cached like the backbone), else None."""
+    if spec.train is None:
+        return None, {}
+    settings = dict(spec.train_settings)
+    train_knobs = {k: knobs.get(k, spec.knob(k).default) for k in spec.train_knobs}
+    if cfg.dataset != "digits" or cfg.backbone != "digits_vit" or cfg.checkpoint:
+        reporter.print(f"[yellow]{spec.id}: fine-tuning runs only on the embedded default here; evaluating without it")
+        return None, {"finetuned": False}
+    key_obj = {"backbone": backbone_info.get("checkpoint_key", backbone_info.get("checkpoint_sha256")), "method": spec.id,
+               "train_knobs": train_knobs, "settings": settings}
+    key = cache.config_key(key_obj)
+    name = f"{cfg.backbone}-{spec.id}"
+    path = None if cfg.retrain else cache.find(name, key)
+    if path is None:
+        model = methods.build(spec.id, vit, mode=spec.modes[0], **knobs)
+        data = method_train_data(cfg, torch.device("cpu"), int(settings.get("batch_size", 128)))
+        epochs = int(settings.get("epochs", 1))
+        with reporter.bar(f"fine-tune {spec.id} {budgets_mod.label(train_knobs)}", epochs * data.steps_per_epoch) as bar:
+            metrics = spec.train(model, data, settings, bar)
+        path = cache.save(model.state_dict(), name, key, {"key": key_obj, **(metrics or {})})
+        reporter.print(f"{spec.id}: fine-tuned ({metrics}); saved {path}")
+    from safetensors.torch import load_file
+
+    return load_file(str(path)), {"finetuned": True, "method_checkpoint": str(path), "method_checkpoint_sha256": cache.file_sha256(path)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Group:
+    """Cells that share a model and an accuracy pass; they differ only in batch size."""
+
+    method: str
+    budget: str
+    knobs: dict
+    mode: str
+    device: torch.device
+    precision: str
+
+    def identity(self, batch_size: int) -> dict:
+        return {"method": self.method, "budget": self.budget, "mode": self.mode, "device": str(self.device),
+                "precision": self.precision, "batch_size": batch_size}
+
+
+def plan(cfg: RunConfig, method_ids: list[str], devices: list[torch.device]) -> list[Group]:
+    groups = []
+    for dev in devices:
+        for prec in cfg.precisions:
+            for m in method_ids:
+                spec = methods.get(m)
+                mode = cfg.modes.get(m, spec.modes[0])
+                if mode not in spec.modes:
+                    raise UsageError(f"method '{m}' has no mode '{mode}'; modes: {', '.join(spec.modes)}")
+                for b in budgets_mod.for_method(m, cfg.budgets):
+                    groups.append(Group(m, budgets_mod.label(b), budgets_mod.parse(m, b), mode, dev, prec))
+    return groups
+
+
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        return {"commit": sha or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "timm", "numpy", "pandas", "fvcore", "bench"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def new_manifest(cfg: RunConfig, argv: list[str]) -> dict:
+    return {
+        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "status": "running",
+        "command": argv,
+        "profile": cfg.profile,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "git": git_commit(),
+        "threads": torch.get_num_threads(),
+        "seeds": {"run": cfg.seed, "train": train_config(cfg).seed, "data": datasets.digits_config(cfg).seed},
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE") if k in os.environ},
+    }
+
+
+def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv: list[str] | None = None) -> Run:
+    """Run (or finish) a benchmark; returns the run. KeyboardInterrupt propagates after saving."""
+    root = Path(cfg.out)
+    if resume:
+        run = Run.find(root, resume)
+        cfg = RunConfig.from_dict(run.manifest()["config"])
+        reporter.print(f"resuming run {run.path} ({len(run.records())} cells already done)")
+    method_ids, devices = validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    evalset = datasets.load(cfg)
+    groups = plan(cfg, method_ids, devices)
+    if not resume:
+        run = Run.create(root, cfg.profile, new_manifest(cfg, argv or sys.argv))
+    else:
+        from .store import ensure_writable
+
+        ensure_writable(run.path)
+    manifest = run.manifest()
+    manifest["status"] = "running"
+    manifest["dataset"] = {"name": evalset.name, **evalset.info}
+    total_cells = len(groups) * len(cfg.batch_sizes)
+    manifest["planned_cells"] = total_cells
+    run.write_manifest(manifest)
+    reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}")
+
+    try:
+        vit, backbone_info = prepare_backbone(cfg, evalset, reporter)
+        manifest.update(backbone_info)
+        manifest["backbone"] = {"name": cfg.backbone, "params_m": round(sum(p.numel() for p in vit.parameters()) / 1e6, 4),
+                                "dense_gmacs": methods.vit_shape(vit).dense_gmacs()}
+        run.write_manifest(manifest)
+        _run_groups(cfg, run, groups, vit, backbone_info, evalset, reporter)
+    except KeyboardInterrupt:
+        manifest = run.manifest()
+        manifest["status"] = "interrupted"
+        run.write_manifest(manifest)
+        raise
+    manifest = run.manifest()
+    manifest["status"] = "complete"
+    manifest["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    run.write_manifest(manifest)
+    return run
+
+
+def _run_groups(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, backbone_info: dict,
+                evalset: datasets.EvalSet, reporter: Reporter) -> None:
+    done = run.done_keys()
+    dense_gmacs = methods.vit_shape(vit).dense_gmacs()
+    references: dict[tuple, nn.Module] = {}
+    timing_cpu = evalset.timing_inputs(cfg.timing.timing_samples, cfg.seed)
+    for g in groups:
+        todo = [b for b in cfg.batch_sizes if cell_key(g.identity(b)) not in done]
+        if not todo:
+            continue
+        spec = methods.get(g.method)
+        state, method_info = method_weights(cfg, spec, vit, g.knobs, backbone_info, reporter)
+        model = methods.build(g.method, vit, mode=g.mode, **g.knobs)
+        if state is not None:
+            model.load_state_dict(state, strict=True)
+        model = model.to(g.device).eval()
+        ref_key = (str(g.device), g.precision)
+        if g.method != "deit" and ref_key not in references:
+            references[ref_key] = methods.build("deit", vit).to(g.device).eval()
+        reference = references.get(ref_key) if g.method != "deit" else None
+        name = f"{g.method} {g.budget}"
+        result = measure.evaluate(model, evalset.batches(cfg.eval_batch_size), evalset.n, g.device, g.precision, reporter,
+                                  label=f"eval {name}")
+        summary = result.summary()
+        inputs = timing_cpu.to(g.device)
+        for bs in todo:
+            t = measure.time_side_by_side(
+                model, reference, inputs, bs, g.device, g.precision,
+                cfg.timing.warmup_iters, cfg.timing.min_iters, cfg.timing.max_iters, cfg.timing.min_seconds,
+                reporter, label=f"time {name} bs={bs}",
+            )
+            mem, mem_kind = measure.peak_memory_mb(model, measure.batch_of(inputs, bs), g.device, g.precision, cfg.timing.memory_iters)
+            raw = {"correct1": result.correct1, "gmacs_per_sample": result.gmacs, "iter_seconds": np.asarray(t.pop("raw_seconds"))}
+            if "raw_dense_seconds" in t:
+                raw["dense_iter_seconds"] = np.asarray(t.pop("raw_dense_seconds"))
+            if g.method == "deit":
+                t["speedup"] = 1.0
+                t["dense_img_per_s"] = t["img_per_s"]
+                t["dense_latency_ms_p50"] = t["latency_ms_p50"]
+            record = {
+                **g.identity(bs),
+                "run_id": run.id,
+                "paper": spec.paper,
+                "arxiv": spec.arxiv,
+                "knobs": g.knobs,
+                "backbone": cfg.backbone,
+                "checkpoint": Path(backbone_info.get("checkpoint", "")).name,
+                "checkpoint_sha256": backbone_info.get("checkpoint_sha256", ""),
+                **method_info,
+                "dataset": evalset.name,
+                "device_name": device_name(g.device),
+                "threads": torch.get_num_threads(),
+                "param_count_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+                **summary,
+                "dense_gmacs": dense_gmacs,
+                "gmacs_ratio": summary["gmacs"] / dense_gmacs,
+                **t,
+                "peak_mem_mb": round(mem, 2),
+                "peak_mem_kind": mem_kind,
+                "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            }
+            run.add_record(record, raw)
+        del model
+

@@ -1,0 +1,731 @@
+"""AdaViT (Meng et al., CVPR 2022, arXiv 2111.15668): learned patch, head and block policies.
+
+Method id ``adavit`` (DESIGN.md "Method ids"; not to be confused with A-ViT, METHODS.md section 0).
+Everything below follows METHODS.md section 3 (the official code MengLcool/AdaViT @ 9857f92).
+
+Decision network (section 3.1), one small set of gates per block, stored beside the timm weights as
+``adavit_gates.{block}.{patch,head,block}.{weight,bias}``:
+  - ``head``  Linear(C -> H) on the CLS vector of the block input (no LayerNorm), blocks 1.. only;
+  - ``block`` Linear(C -> 2) on the same vector (entry 0 gates the MSA, entry 1 the FFN), blocks 1..;
+  - ``patch`` Linear(C -> 1) per patch token on LN1(x), the attention input, every block; prefix
+    (CLS) tokens are always kept.
+Training binarises with a Gumbel-sigmoid (logit plus the difference of two Gumbel(0, 1) draws, over
+tau = 5, then a sigmoid) and straight-through hard thresholds; evaluation uses the plain sigmoid and
+the thresholds 0.5 (heads, blocks) and 0.6 (patches). The official code applies the same thresholds
+to the noisy training sigmoid, so with tau = 5 a patch is kept in training iff logit + noise > 2.03
+but at evaluation iff logit > 0.41; we keep that, it is the official behaviour.
+
+Gates are initialised with zero weights and bias +3, so a freshly built model keeps every patch,
+head and sub-layer at evaluation and equals the dense backbone. A plain timm state dict therefore
+serves as is: build from the loaded timm model (the usual route), or load it with
+``strict=False`` and check that only ``adavit_gates.*`` keys are missing
+(:func:`load_backbone_state_dict` does exactly that).
+
+Two execution modes (DESIGN.md "Contracts"):
+  - ``reference``: the official masking semantics (section 3.2): dropped pairs (i, j) get -inf
+    attention logits except the diagonal, MSA and FFN outputs of dropped tokens are multiplied by 0,
+    sub-layer outputs by their gate; head dropping either zeroes the q/k/v channels of the dropped
+    heads and the same channel indices at the FFN input (``head_variant="zero_channels"``, the
+    default and the README's evaluation) or replaces the head's attention map by the identity
+    (``"identity_attn"``, ``--ada-head-attn``, the paper's Eq. 8). Everything is computed densely.
+  - ``compact`` (default): the same predictions with the work removed. A block whose two sub-layers
+    are both off is skipped (not even LN1 or the patch gate run); dropped patches are gathered out
+    of the block's computation and carried through unchanged; dropped heads are sliced out of the
+    qkv rows and the proj / fc1 input columns (one weight slice per block and batch, never per-sample
+    weight copies). Batches: samples with the attention (FFN) off are left out of that sub-layer;
+    the others are gathered to the batch's largest kept-token count with a key-padding mask, and
+    heads are sliced to the union of the heads the batch keeps, a per-sample 0/1 head mask zeroing
+    the rest. The share of executed block MACs spent on such padding is ``trace.padding_waste``
+    (0 at batch 1, where everything is sliced exactly).
+Training always runs the ``reference`` path (the masks carry the straight-through gradients).
+
+Trace (``methods.trace(model)``): ``tokens`` (B, depth) tokens each block computed on (CLS plus
+kept patches; 0 where both sub-layers were skipped), ``heads`` (B, depth) kept heads, ``sublayers``
+(B, depth, 2) executed MSA / FFN, ``patch_keep`` (B, depth, N) the kept-token masks, ``gmacs`` by the
+closed form of section 3.5 (:func:`official_block_macs`: LayerNorms on all N tokens, head dropping
+shrinks qkv, proj and the FFN input) plus patch embedding, final norm and head plus the decision
+network's own MACs, which are also reported alone as ``policy_gmacs``; ``gmacs_executed`` is what
+``compact`` physically computes per sample (proj has C outputs, LN2 runs on kept tokens only, LN1
+on all N tokens because the patch gate needs it), for comparison with the official counting.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import TracedViT, adapt
+from .registry import Knob, MethodSpec, TrainData, register
+
+HEAD_VARIANTS = ("zero_channels", "identity_attn")
+TAU = 5.0  # official: the tau flags are parsed but never reach the blocks (METHODS.md 3.1)
+TRAIN_THRESHOLDS = {"patch": 0.6, "head": 0.5, "block": 0.5}  # the official thresholds, used in training
+GATE_INIT_BIAS = 3.0  # sigmoid(3) = 0.95 > every threshold: a fresh model keeps everything
+GATE_PREFIX = "adavit_gates."
+
+
+# ----------------------------------------------------------------------------------------------
+# closed forms (METHODS.md 3.5)
+
+
+def official_block_macs(embed_dim: int, num_heads: int, mlp_hidden: int, num_tokens_total: int, heads, tokens, attn, mlp):
+    """One block's MACs as AdaViT's shipped lookup table counts them (METHODS.md 3.5):
+
+        T = 5*N*C*(1 + a) + a*(3*t*C*c + 2*t^2*c + t*c^2) + m*(t*c*rC + t*rC*C),   c = C*h/H
+
+    with N the model's full token count (LayerNorms are counted on all tokens), t the kept tokens
+    including CLS, h the kept heads, a / m the MSA / FFN on-off; an entry with h = 0 is 0. Works
+    on ints or tensors (element-wise); the h = 0 rule needs tensors or ints alike.
+    """
+    c_full, rc = embed_dim, mlp_hidden
+    c = c_full * heads / num_heads
+    t = tokens
+    total = (
+        5 * num_tokens_total * c_full * (1 + attn)
+        + attn * (3 * t * c_full * c + 2 * t * t * c + t * c * c)
+        + mlp * (t * c * rc + t * rc * c_full)
+    )
+    if isinstance(total, torch.Tensor):
+        return torch.where(torch.as_tensor(heads) == 0, torch.zeros_like(total), total)
+    return 0 if heads == 0 else total
+
+
+def official_table_tokens(t: int, num_tokens_total: int = 197) -> int:
+    """The token count the shipped table's entry t was really built with: the script keeps
+    int(float32(t / N) * N) tokens, which is t - 1 for t in {13, 26, 51, 52, 53, 102, 104, 106,
+    117, 119, 121} at N = 197 (METHODS.md 3.5 and test 22)."""
+    ratio = torch.tensor(t / num_tokens_total, dtype=torch.float32)
+    return int(ratio * num_tokens_total)
+
+
+def official_table_entry(embed_dim: int, num_heads: int, mlp_hidden: int, num_tokens_total: int, heads: int, tokens: int, attn: int, mlp: int) -> float:
+    """Entry T[h, t, a, m] of the shipped ``*_flops_dict.pth`` tables in G, truncation included."""
+    t = official_table_tokens(tokens, num_tokens_total)
+    return official_block_macs(embed_dim, num_heads, mlp_hidden, num_tokens_total, heads, t, attn, mlp) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# the decision network
+
+
+class AdaGates(nn.Module):
+    """The decision network of one block (METHODS.md 3.1): single linear layers, no hidden layer."""
+
+    def __init__(self, dim: int, num_heads: int, head_and_block: bool):
+        super().__init__()
+        self.patch = nn.Linear(dim, 1)
+        self.head = nn.Linear(dim, num_heads) if head_and_block else None
+        self.block = nn.Linear(dim, 2) if head_and_block else None
+        for lin in (self.patch, self.head, self.block):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
+                nn.init.constant_(lin.bias, GATE_INIT_BIAS)
+
+
+def gumbel_sigmoid_st(logits: torch.Tensor, threshold: float, tau: float = TAU) -> torch.Tensor:
+    """Training binarisation (METHODS.md 3.1): hard 0/1 forward, gradient of the noisy sigmoid."""
+    e1 = torch.empty_like(logits).exponential_()
+    e2 = torch.empty_like(logits).exponential_()
+    soft = ((logits - e1.log() + e2.log()) / tau).sigmoid()  # -log(E) ~ Gumbel(0, 1)
+    hard = (soft > threshold).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def _eval_decision(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    return logits.float().sigmoid() > threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class AdaViT(TracedViT):
+    """timm VisionTransformer + per-block AdaViT gates; ``forward`` returns plain logits."""
+
+    bench_method = "adavit"
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _adavit_check(self) -> None:
+        for i, blk in enumerate(self.blocks):
+            attn = blk.attn
+            for name in ("qkv", "proj", "q_norm", "k_norm", "norm"):
+                if not hasattr(attn, name):
+                    raise TypeError(f"block {i}: AdaViT needs timm's Attention (qkv/proj); got {type(attn).__name__}")
+            if attn.qkv.out_features != 3 * self.embed_dim:
+                raise TypeError("AdaViT shares head channel indices with the residual stream: attention width must equal embed_dim")
+            if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
+                raise TypeError("AdaViT supports timm Attention without scale_norm or output gating")
+            if not hasattr(blk.mlp, "fc1") or not hasattr(blk.mlp, "fc2"):
+                raise TypeError(f"block {i}: AdaViT needs a timm Mlp (fc1/fc2)")
+
+    @property
+    def _thresholds(self) -> dict[str, float]:
+        k = self.bench_knobs
+        return {"patch": k["patch_threshold"], "head": k["head_threshold"], "block": k["block_threshold"]}
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = self.embed_tokens(x)
+        B, N, _ = x.shape
+        depth = len(self.blocks)
+        H = self.blocks[0].attn.num_heads
+        dev = x.device
+        rec = {
+            "tokens": torch.zeros(B, depth, dtype=torch.int64, device=dev),
+            "heads": torch.full((B, depth), H, dtype=torch.int64, device=dev),
+            "sublayers": torch.ones(B, depth, 2, dtype=torch.bool, device=dev),
+            "patch_keep": torch.zeros(B, depth, N, dtype=torch.bool, device=dev),
+            "waste": [0.0, 0.0],  # executed, useful block MACs of the padded compact calls
+        }
+        if self.training or self.bench_mode == "reference":
+            policy: dict[str, list] = {"heads": [], "sublayers": [], "patches": []}
+            for i, (blk, gates) in enumerate(zip(self.blocks, self.adavit_gates)):
+                x = self._masked_block(i, blk, gates, x, rec, policy)
+            self.__dict__["_adavit_policy"] = policy
+        else:
+            for i, (blk, gates) in enumerate(zip(self.blocks, self.adavit_gates)):
+                x = self._compact_block(i, blk, gates, x, rec)
+        x = self.norm(x)
+        logits = self.forward_head(x)
+        self._record_adavit(rec, N)
+        return logits
+
+    def _record_adavit(self, rec: dict, n_total: int) -> None:
+        shape = self.bench_shape
+        C, H, R = shape.embed_dim, shape.num_heads, shape.mlp_hidden
+        tokens = rec["tokens"].to(torch.float64)
+        heads = rec["heads"].to(torch.float64)
+        sub = rec["sublayers"].to(torch.float64)
+        a, m = sub[..., 0], sub[..., 1]
+        active = ((a + m) > 0).to(torch.float64)
+        identity = self.bench_knobs["head_variant"] == "identity_attn"
+        c = C * heads / H
+        # the decision network: head and block gates on CLS (blocks 1..), patch gate on every patch
+        # token of blocks that run (compact skips it where both sub-layers are off)
+        has_hb = torch.tensor([g.head is not None for g in self.adavit_gates], dtype=torch.float64, device=tokens.device)
+        policy = has_hb * (C * H + C * 2) + active * (shape.num_patches * C)
+        # what compact really executes per sample (no padding)
+        qkv_out = (2 * c + C) if identity else 3 * c
+        proj_in = C if identity else c
+        fc1_in = C if identity else c
+        executed = (
+            active * 5 * n_total * C
+            + a * (tokens * C * qkv_out + 2 * tokens * tokens * c + tokens * proj_in * C)
+            + m * (5 * tokens * C + tokens * fc1_in * R + tokens * R * C)
+        )
+        if identity:  # no official table for this variant: count what runs, LayerNorms as the table does
+            blocks = 5 * n_total * C * (1 + a) + a * (tokens * C * (2 * c + C) + 2 * tokens * tokens * c + tokens * C * C) + m * (
+                2 * tokens * R * C
+            )
+        else:
+            blocks = official_block_macs(C, H, R, n_total, heads, tokens, a, m)
+        base = shape.embed_macs + shape.final(n_total)
+        policy_g = policy.sum(1) / 1e9
+        gmacs = (base + blocks.sum(1)) / 1e9 + policy_g
+        executed_g = (base + executed.sum(1)) / 1e9 + policy_g
+        run, useful = rec["waste"]
+        waste = 0.0 if run <= 0 else max(0.0, 1.0 - useful / run)
+        self.record(
+            rec["tokens"],
+            gmacs=gmacs,
+            heads=rec["heads"],
+            sublayers=rec["sublayers"],
+            patch_keep=rec["patch_keep"],
+            policy_gmacs=policy_g,
+            gmacs_executed=executed_g,
+            padding_waste=waste,
+        )
+
+    # -- reference: the official masking semantics (METHODS.md 3.2) ----------------------------
+
+    def _gate(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
+        if self.training:
+            return gumbel_sigmoid_st(logits.float(), TRAIN_THRESHOLDS[kind])
+        return _eval_decision(logits, self._thresholds[kind]).to(torch.float32)
+
+    def _masked_block(self, i: int, blk: nn.Module, gates: AdaGates, x: torch.Tensor, rec: dict, policy: dict) -> torch.Tensor:
+        B, N, C = x.shape
+        attn = blk.attn
+        H, d = attn.num_heads, attn.head_dim
+        P = self.num_prefix_tokens
+        identity = self.bench_knobs["head_variant"] == "identity_attn"
+        cls = x[:, 0]
+        if gates.head is not None:
+            hm = self._gate(gates.head(cls), "head")  # (B, H)
+            sm = self._gate(gates.block(cls), "block")  # (B, 2)
+            policy["heads"].append(hm)
+            policy["sublayers"].append(sm)
+        else:
+            hm = sm = None
+        y = blk.norm1(x)
+        pm = self._gate(gates.patch(y[:, P:]).squeeze(-1), "patch")  # (B, N - P)
+        pm = torch.cat([pm.new_ones(B, P), pm], dim=1)  # (B, N)
+        policy["patches"].append(pm)
+        dt = y.dtype
+        keep = pm.detach() > 0.5
+        # --- MSA: pairs with a dropped end are masked except the diagonal (detached policy)
+        allowed = (keep[:, :, None] & keep[:, None, :]) | torch.eye(N, dtype=torch.bool, device=x.device)
+        qkv = attn.qkv(y).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        h4 = None
+        if hm is not None:
+            h4 = hm.to(q.dtype)[:, :, None, None]
+            if not identity:  # q/k/v output channels of dropped heads zeroed (weights and bias)
+                q, k, v = q * h4, k * h4, v * h4
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None], dropout_p=attn.attn_drop.p if self.training else 0.0
+        )
+        if h4 is not None:
+            o = o * h4 + (v * (1 - h4) if identity else 0)  # zero_channels: proj input channels masked too
+        o = o.transpose(1, 2).reshape(B, N, C)
+        o = attn.proj_drop(attn.proj(attn.norm(o)))
+        o = o * pm.to(o.dtype)[..., None]
+        if sm is not None:
+            o = o * sm[:, 0].to(o.dtype)[:, None, None]
+        x = x + blk.drop_path1(blk.ls1(o))
+        # --- FFN: the head mask also zeroes the same channel indices at the FFN input
+        z = blk.norm2(x)
+        if hm is not None and not identity:
+            z = z * hm.to(z.dtype).repeat_interleave(d, dim=1)[:, None, :]
+        f = blk.mlp(z)
+        f = f * pm.to(f.dtype)[..., None]
+        if sm is not None:
+            f = f * sm[:, 1].to(f.dtype)[:, None, None]
+        x = x + blk.drop_path2(blk.ls2(f))
+        # --- trace (hard decisions)
+        with torch.no_grad():
+            sub = torch.ones(B, 2, dtype=torch.bool, device=x.device) if sm is None else sm.detach() > 0.5
+            active = sub.any(1)
+            rec["sublayers"][:, i] = sub
+            if hm is not None:
+                rec["heads"][:, i] = (hm.detach() > 0.5).sum(1)
+            rec["patch_keep"][:, i] = keep & active[:, None]
+            rec["tokens"][:, i] = torch.where(active, keep.sum(1), 0)
+        return x
+
+    # -- compact: the work really removed ------------------------------------------------------
+
+    def _compact_block(self, i: int, blk: nn.Module, gates: AdaGates, x: torch.Tensor, rec: dict) -> torch.Tensor:
+        B, N, C = x.shape
+        P = self.num_prefix_tokens
+        thr = self._thresholds
+        ia = None  # rows of the batch with at least one sub-layer on (None: all)
+        hk = a = m = None
+        if gates.head is not None:
+            cls = x[:, 0]
+            hk = _eval_decision(gates.head(cls), thr["head"])  # (B, H) bool
+            sk = _eval_decision(gates.block(cls), thr["block"])  # (B, 2) bool
+            rec["heads"][:, i] = hk.sum(1)
+            rec["sublayers"][:, i] = sk
+            a, m = sk[:, 0], sk[:, 1]
+            active = a | m
+            n_active = int(active.sum())
+            if n_active == 0:
+                return x  # the whole block skipped: no LN1, no patch gate
+            if n_active < B:
+                ia = active.nonzero().squeeze(1)
+                hk, a, m = hk[ia], a[ia], m[ia]
+        xa = x if ia is None else x.index_select(0, ia)
+        Ba = xa.shape[0]
+        y = blk.norm1(xa)
+        keep = _eval_decision(gates.patch(y[:, P:]).squeeze(-1), thr["patch"])
+        keep = torch.cat([keep.new_ones(Ba, P), keep], dim=1)  # (Ba, N)
+        t = keep.sum(1)
+        if ia is None:
+            rec["patch_keep"][:, i] = keep
+            rec["tokens"][:, i] = t
+        else:
+            rec["patch_keep"][ia, i] = keep
+            rec["tokens"][ia, i] = t
+        T = int(t.max())
+        gather = None
+        valid = None
+        if T == N:
+            xs, ys = xa, y
+        else:
+            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :T]  # kept first, in order
+            gather = order[:, :, None].expand(-1, -1, C)
+            xs, ys = xa.gather(1, gather), y.gather(1, gather)
+            if int(t.min()) < T:
+                valid = torch.arange(T, device=x.device)[None, :] < t[:, None]  # (Ba, T)
+        # MSA on the rows whose attention is on
+        rows = _rows(a)
+        if rows is not False:
+            sel = (lambda v: v) if rows is None else (lambda v: None if v is None else v.index_select(0, rows))
+            out = self._compact_attention(blk, sel(ys), sel(valid), sel(hk), sel(t), rec)
+            out = blk.ls1(out)
+            if valid is not None:
+                out = out * sel(valid)[..., None].to(out.dtype)
+            out = out.to(xs.dtype)
+            xs = xs + out if rows is None else xs.index_add(0, rows, out)
+        # FFN on the rows whose FFN is on
+        rows = _rows(m)
+        if rows is not False:
+            sel = (lambda v: v) if rows is None else (lambda v: None if v is None else v.index_select(0, rows))
+            out = self._compact_mlp(blk, sel(xs), sel(hk), sel(t), rec)
+            out = blk.ls2(out)
+            if valid is not None:
+                out = out * sel(valid)[..., None].to(out.dtype)
+            out = out.to(xs.dtype)
+            xs = xs + out if rows is None else xs.index_add(0, rows, out)
+        # carry the dropped tokens through unchanged (padding rows got a zero update)
+        xa = xs if gather is None else xa.scatter(1, gather, xs)
+        return xa if ia is None else x.index_copy(0, ia, xa)
+
+    def _head_union(self, hk: torch.Tensor | None, H: int) -> tuple[torch.Tensor | None, int, bool]:
+        """Heads kept by any row (None: all), how many, and whether every row keeps exactly those."""
+        if hk is None:
+            return None, H, True
+        union = hk.any(0)
+        n = int(union.sum())
+        uniform = bool((hk == union).all())
+        if n == H:
+            return None, H, uniform
+        return union.nonzero().squeeze(1), n, uniform
+
+    def _compact_attention(self, blk, ys, valid, hk, t, rec) -> torch.Tensor:
+        attn = blk.attn
+        Bs, T, C = ys.shape
+        H, d = attn.num_heads, attn.head_dim
+        identity = self.bench_knobs["head_variant"] == "identity_attn"
+        heads, nu, uniform = self._head_union(hk, H)
+        W, b = attn.qkv.weight, attn.qkv.bias
+        dev = ys.device
+        mask = None if valid is None else valid[:, None, None, :]
+        # useful per-sample work vs what this padded call executes (for padding_waste)
+        c_s = (hk.sum(1) if hk is not None else torch.full((Bs,), H, device=dev)).to(torch.float64) * d
+        tt = t.to(torch.float64)
+        cu = nu * d
+        if not identity:
+            if nu == 0:  # every head dropped: q/k/v are zero, the MSA output is proj's bias
+                out = ys.new_zeros(Bs, T, C)
+                return out + attn.proj.bias.to(out.dtype) if attn.proj.bias is not None else out
+            if heads is not None:
+                idx = (torch.arange(3, device=dev)[:, None, None] * C + heads[None, :, None] * d + torch.arange(d, device=dev)).reshape(-1)
+                W = W.index_select(0, idx)
+                b = None if b is None else b.index_select(0, idx)
+            qkv = F.linear(ys, W, b).reshape(Bs, T, 3, nu, d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if not uniform:
+                hmask = hk if heads is None else hk.index_select(1, heads)
+                o = o * hmask.to(o.dtype)[:, :, None, None]
+            o = o.transpose(1, 2).reshape(Bs, T, cu)
+            Wp = attn.proj.weight
+            if heads is not None:
+                cols = (heads[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
+                Wp = Wp.index_select(1, cols)
+            out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
+            rec["waste"][0] += float(Bs * (T * C * 3 * cu + 2 * T * T * cu + T * cu * C))
+            rec["waste"][1] += float((tt * C * 3 * c_s + 2 * tt * tt * c_s + tt * c_s * C).sum())
+            return out
+        # identity_attn: kept heads attend, dropped heads pass their V through (Eq. 8)
+        if heads is not None:
+            ar = torch.arange(d, device=dev)
+            qk_rows = (torch.arange(2, device=dev)[:, None, None] * C + heads[None, :, None] * d + ar).reshape(-1)
+            idx = torch.cat([qk_rows, torch.arange(2 * C, 3 * C, device=dev)])
+            W = W.index_select(0, idx)
+            b = None if b is None else b.index_select(0, idx)
+        qkv = F.linear(ys, W, b)
+        q = qkv[..., :cu].reshape(Bs, T, nu, d).transpose(1, 2)
+        k = qkv[..., cu : 2 * cu].reshape(Bs, T, nu, d).transpose(1, 2)
+        v = qkv[..., 2 * cu :].reshape(Bs, T, H, d).transpose(1, 2)  # (Bs, H, T, d)
+        if nu > 0:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            vu = v if heads is None else v.index_select(1, heads)
+            o = F.scaled_dot_product_attention(q, k, vu, attn_mask=mask)
+            if not uniform:
+                hmask = (hk if heads is None else hk.index_select(1, heads))[:, :, None, None]
+                o = torch.where(hmask, o, vu)
+            if heads is None:
+                v = o
+            else:
+                v = v.index_copy(1, heads, o.to(v.dtype))
+        o = v.transpose(1, 2).reshape(Bs, T, C)
+        out = attn.proj_drop(attn.proj(o))
+        rec["waste"][0] += float(Bs * (T * C * (2 * cu + C) + 2 * T * T * cu + T * C * C))
+        rec["waste"][1] += float((tt * C * (2 * c_s + C) + 2 * tt * tt * c_s + tt * C * C).sum())
+        return out
+
+    def _compact_mlp(self, blk, xs, hk, t, rec) -> torch.Tensor:
+        mlp = blk.mlp
+        Bs, T, C = xs.shape
+        H, d = blk.attn.num_heads, blk.attn.head_dim
+        R = mlp.fc1.out_features
+        z = blk.norm2(xs)
+        tt = t.to(torch.float64)
+        if self.bench_knobs["head_variant"] == "identity_attn" or hk is None:
+            h = mlp.fc1(z)
+            cu, c_s = C, torch.full_like(tt, C)
+        else:
+            heads, nu, uniform = self._head_union(hk, H)
+            cu, c_s = nu * d, hk.sum(1).to(torch.float64) * d
+            W = mlp.fc1.weight
+            if not uniform:
+                z = z * hk.to(z.dtype).repeat_interleave(d, dim=1)[:, None, :]
+            if heads is not None:
+                cols = (heads[:, None] * d + torch.arange(d, device=xs.device)).reshape(-1)
+                z = z.index_select(2, cols)
+                W = W.index_select(1, cols)
+            h = F.linear(z, W, mlp.fc1.bias)
+        h = mlp.drop1(mlp.act(h))
+        h = mlp.norm(h)
+        out = mlp.drop2(mlp.fc2(h))
+        rec["waste"][0] += float(Bs * (5 * T * C + T * cu * R + T * R * C))
+        rec["waste"][1] += float((5 * tt * C + tt * c_s * R + tt * R * C).sum())
+        return out
+
+
+def _rows(flags: torch.Tensor | None):
+    """None: every row; False: no row; else the indices of the rows that are on."""
+    if flags is None:
+        return None
+    n = int(flags.sum())
+    if n == flags.shape[0]:
+        return None
+    if n == 0:
+        return False
+    return flags.nonzero().squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# build and load
+
+
+def _targets(knobs: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for kind in ("patch", "head", "block"):
+        v = knobs.get(f"{kind}_target")
+        out[kind] = float(knobs["target"] if v is None else v)
+        if not 0.0 <= out[kind] <= 1.0:
+            raise ValueError(f"adavit {kind}_target must lie in [0, 1], got {out[kind]}")
+    return out
+
+
+def _build(
+    vit,
+    mode: str,
+    target: float,
+    patch_target: float | None,
+    head_target: float | None,
+    block_target: float | None,
+    patch_threshold: float,
+    head_threshold: float,
+    block_threshold: float,
+    head_variant: str,
+):
+    if head_variant not in HEAD_VARIANTS:
+        raise ValueError(f"adavit head_variant must be one of {', '.join(HEAD_VARIANTS)}, got {head_variant!r}")
+    knobs = {
+        "target": target,
+        "patch_target": patch_target,
+        "head_target": head_target,
+        "block_target": block_target,
+        "patch_threshold": patch_threshold,
+        "head_threshold": head_threshold,
+        "block_threshold": block_threshold,
+        "head_variant": head_variant,
+    }
+    _targets(knobs)
+    for name in ("patch_threshold", "head_threshold", "block_threshold"):
+        if not 0.0 < knobs[name] < 1.0:
+            raise ValueError(f"adavit {name} must lie in (0, 1), got {knobs[name]}")
+    model = adapt(vit, AdaViT, mode, knobs)
+    model._adavit_check()
+    param = next(model.parameters())
+    gates = nn.ModuleList(
+        [AdaGates(model.embed_dim, model.blocks[0].attn.num_heads, head_and_block=i >= 1) for i in range(len(model.blocks))]
+    )
+    model.adavit_gates = gates.to(device=param.device, dtype=param.dtype)
+    return model
+
+
+def load_backbone_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a plain timm state dict into an AdaViT model; only the gate keys may be missing (the
+    gates keep their keep-everything initialisation unless the dict holds them)."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(GATE_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"state dict does not fit: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# training (METHODS.md 3.3)
+
+
+def usage(policy: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Mean usage as the official loss measures it: heads over blocks with at least one sub-layer
+    on, sub-layers over blocks 1.., patches over every block's token mask (CLS included, as the
+    official token_select tensor holds it)."""
+    out = {}
+    if policy["heads"]:
+        heads = torch.stack(policy["heads"], 1)  # (B, L-1, H)
+        sub = torch.stack(policy["sublayers"], 1)  # (B, L-1, 2)
+        on = (sub.sum(-1, keepdim=True) > 0).to(heads.dtype).expand_as(heads)
+        out["head"] = (heads * on).sum() / (on.sum() + 1e-6)
+        out["block"] = sub.mean()
+    out["patch"] = torch.stack(policy["patches"], 1).mean()
+    return out
+
+
+def usage_loss(policy: dict[str, list], targets: dict[str, float], weight: float = 2.0) -> tuple[torch.Tensor, dict]:
+    """2*|head usage - g_h| + 2*|block usage - g_b| + 2*(patch usage - g_p)^2 (METHODS.md 3.3)."""
+    u = usage(policy)
+    loss = weight * (u["patch"] - targets["patch"]) ** 2
+    if "head" in u:
+        loss = loss + weight * (u["head"] - targets["head"]).abs() + weight * (u["block"] - targets["block"]).abs()
+    return loss, {k: float(v) for k, v in u.items()}
+
+
+TRAIN_SETTINGS: dict[str, Any] = {
+    "epochs": 1,
+    "max_steps": 0,  # 0: epochs * steps_per_epoch
+    "batch_size": 128,
+    "lr": 1e-4,  # backbone
+    "gate_lr": 2e-2,  # decision network
+    "weight_decay": 0.05,
+    "warmup_steps": 5,
+    "label_smoothing": 0.1,
+    "grad_clip": 1.0,
+    "usage_weight": 2.0,
+    "seed": 0,
+}
+
+
+def train(model: nn.Module, data: TrainData, settings: dict, progress) -> dict:
+    """Fine-tune ``model`` (built by ``methods.build('adavit', ...)``) in place from its dense
+    weights with cross-entropy plus the official usage losses at the model's targets.
+
+    Recipe (METHODS.md 3.3, shortened for two CPU cores): AdamW, backbone lr ``lr``, gates
+    ``gate_lr`` (no weight decay), linear warm-up then cosine, label smoothing, gradient clipping;
+    BatchNorm layers of a convolutional stem keep their running statistics (eval mode). The
+    official recipe adds mixup / cutmix and 300 epochs; neither fits here.
+    """
+    s = {**TRAIN_SETTINGS, **(settings or {})}
+    targets = _targets(model.bench_knobs)
+    torch.manual_seed(int(s["seed"]))
+    gate_params = [p for n, p in model.named_parameters() if n.startswith(GATE_PREFIX)]
+    other = [p for n, p in model.named_parameters() if not n.startswith(GATE_PREFIX)]
+    opt = torch.optim.AdamW(
+        [
+            {"params": other, "lr": float(s["lr"]), "weight_decay": float(s["weight_decay"])},
+            {"params": gate_params, "lr": float(s["gate_lr"]), "weight_decay": 0.0},
+        ]
+    )
+    total = int(s["epochs"]) * int(data.steps_per_epoch)
+    if int(s["max_steps"]) > 0:
+        total = min(total, int(s["max_steps"]))
+    warm = max(1, int(s["warmup_steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
+    )
+    start = time.perf_counter()
+    step, history = 0, []
+    model.train()
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.eval()
+    last: dict = {}
+    epoch = 0
+    while step < total:
+        for xb, yb in data.batches(epoch):
+            logits = model(xb)
+            ce = F.cross_entropy(logits.float(), yb, label_smoothing=float(s["label_smoothing"]))
+            ul, u = usage_loss(model.__dict__["_adavit_policy"], targets, float(s["usage_weight"]))
+            loss = ce + ul
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), float(s["grad_clip"]))
+            opt.step()
+            sched.step()
+            step += 1
+            last = {"loss": float(loss), "ce": float(ce), **{f"usage_{k}": v for k, v in u.items()}}
+            if step % 10 == 0 or step == total:
+                history.append({"step": step, **last})
+                progress.note(" ".join(f"{k} {v:.2f}" for k, v in last.items()))
+            progress.advance(1)
+            if step >= total:
+                break
+        epoch += 1
+    model.eval()
+    val = _validate(model, data)
+    return {
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "steps": step,
+        "targets": targets,
+        "train_usage_last": {k: round(v, 4) for k, v in last.items()},
+        **val,
+    }
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, data: TrainData) -> dict:
+    from . import base
+
+    correct = n = 0
+    gm, keep_p, keep_h, sub = [], [], [], []
+    for xb, yb in data.val_batches():
+        logits = model(xb)
+        tr = base.trace(model)
+        correct += int((logits.argmax(-1) == yb).sum())
+        n += len(yb)
+        gm.append(tr.gmacs)
+        keep_p.append(tr.tokens[:, :].to(torch.float64))
+        keep_h.append(tr.heads[:, 1:].to(torch.float64))
+        sub.append(tr.sublayers[:, 1:].to(torch.float64))
+    dense = model.bench_shape.dense_gmacs()
+    g = torch.cat(gm)
+    return {
+        "val_top1": correct / max(1, n),
+        "val_gmacs": round(float(g.mean()), 5),
+        "val_gmacs_ratio": round(float(g.mean()) / dense, 4),
+        "val_tokens_per_block": [round(float(v), 2) for v in torch.cat(keep_p).mean(0)],
+        "val_head_usage": round(float(torch.cat(keep_h).mean()) / model.blocks[0].attn.num_heads, 4) if keep_h[0].numel() else 1.0,
+        "val_block_usage": round(float(torch.cat(sub).mean()), 4) if sub[0].numel() else 1.0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+
+SPEC = register(
+    MethodSpec(
+        id="adavit",
+        paper="Meng et al., CVPR 2022, AdaViT: Adaptive Vision Transformers for Efficient Image Recognition",
+        arxiv="2111.15668",
+        summary="learned per-input patch, head and block (MSA/FFN) gates; fine-tuned with usage targets",
+        build=_build,
+        knobs=(
+            Knob("target", float, 0.7, "usage target for patches, heads and blocks alike (training)"),
+            Knob("patch_target", float, None, "patch usage target; default: target (training)"),
+            Knob("head_target", float, None, "head usage target; default: target (training)"),
+            Knob("block_target", float, None, "MSA/FFN usage target; default: target (training)"),
+            Knob("patch_threshold", float, 0.6, "keep a patch iff sigmoid(logit) > this (inference)"),
+            Knob("head_threshold", float, 0.5, "keep a head iff sigmoid(logit) > this (inference)"),
+            Knob("block_threshold", float, 0.5, "run MSA / FFN iff sigmoid(logit) > this (inference)"),
+            Knob("head_variant", str, "zero_channels", "dropped heads: zero_channels (official default) | identity_attn"),
+        ),
+        modes=("compact", "reference"),
+        primary_knob="target",
+        default_budgets=("0.9", "0.7", "0.5"),
+        train=train,
+        train_knobs=("target", "patch_target", "head_target", "block_target", "head_variant"),
+        train_settings=dict(TRAIN_SETTINGS),
+        extras={
+            "heads": "(B, depth) heads kept per block",
+            "sublayers": "(B, depth, 2) MSA / FFN executed per block",
+            "patch_keep": "(B, depth, N) tokens each block computed on",
+            "policy_gmacs": "(B,) MACs of the decision network itself, included in gmacs",
+            "gmacs_executed": "(B,) MACs compact physically runs (proj to C, LN2 on kept tokens)",
+            "padding_waste": "share of executed block MACs spent on batch padding (compact)",
+        },
+    )
+)

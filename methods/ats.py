@@ -1,0 +1,572 @@
+"""ATS, the Adaptive Token Sampler (Fayyaz et al., ECCV 2022, arXiv 2111.15667) as method ``ats``.
+
+Training-free and parameter-free: an ATS block replaces the attention of a timm ``Block``, scores
+the patch tokens by the CLS attention they receive times the norm of their value vector, samples a
+subset by inverse transform sampling on a fixed grid, and outputs only the kept tokens
+(METHODS.md section 2). The model stays a timm VisionTransformer with its own weights.
+
+What follows the official code (METHODS.md 2.2) and what is ours
+------------------------------------------------------------------
+* Scores (2.2 step 3): ``s_j = (sum over heads of A[CLS -> j]) * ||v_j||``, v over all heads
+  concatenated, CLS excluded, normalised to sum 1. ``A`` comes from the policy-aware softmax
+  ``(e + eps/N) / (sum e + eps)`` with eps = 1e-6 (step 2), in float32 as the official code does.
+* Sampling (steps 4-8): scores sorted ascending, cumulative sum min-max normalised (the lowest
+  token gets G = 0), a deterministic grid evenly spaced from y0 (the smallest positive G) to 1, the
+  token nearest to each grid point is picked (first index on ties), duplicate picks are dropped
+  (not merged), the kept tokens are CLS followed by the distinct picks in ascending score order.
+  Consequence kept on purpose: the lowest-score token is always dropped (test 13).
+* Grid size: the released code always uses ``n_ref - 1`` points (``n_ref`` = the backbone's
+  initial token count, 197 for DeiT-S), which only works when K is at least the current token
+  count N; with K < N it crashes (METHODS.md 2.3). Here K >= N gives the released behaviour
+  (``n_ref - 1`` points) and K < N uses a grid of K - 1 points: the paper's budgeted form, which
+  the released code never ran. Each forward flags it per sample in ``trace.budgeted_form`` and the
+  model says whether its budget can reach it (``model.budgeted_form``). A one-point grid (K = 2)
+  is placed at 1, i.e. keeps the top-score token.
+* Attention (step 9): the attention of the kept query rows is taken over *all* N keys and values
+  of the block input; residual, LN2 and MLP then run on the kept rows only.
+* Padding (step 10): batches are compacted to 1 + max_b K'_b rows, shorter samples padded. The
+  released code lets the padded rows enter the next ATS block's sorted CDF with score 0, which
+  shifts y0 so a padded sample keeps a token it would drop alone (test 16: not batch-invariant).
+  Default here (``official_padding=False``): padding is excluded from the CDF, the softmax max
+  and its eps/N term use the sample's own N, so a sample's kept set does not depend on its batch
+  mates. ``official_padding=True`` reproduces the released behaviour (CDF over padded slots, eps/N
+  with the padded length, row max over all slots).
+
+Two execution modes (DESIGN.md contracts), same kept sets and predictions:
+* ``compact`` (default): what is dropped is not computed. Blocks before the first ATS stage are
+  timm's own. In an ATS block only the CLS row of the attention is computed explicitly (fused SDPA
+  cannot return attention probabilities), with the same policy-aware softmax as ``reference``;
+  the kept query rows then run through fused SDPA over all keys with a key-padding mask, so the
+  q.k^T rows of dropped queries are never computed. At batch 1 (or when every sample keeps the
+  same count) nothing is padded and no mask is used. Blocks after a stage use timm's Block with a
+  key-padding mask.
+* ``reference``: the official semantics written out: full explicit attention matrix with the
+  policy-aware softmax, q/k/v rows multiplied by the policy, padding rows zeroed after each
+  residual, later blocks masked by the policy softmax, linear layers dense over the padded length.
+
+Compute (METHODS.md test 18): per sample, an ATS block with N_in tokens keeping K'+1 counts qkv and
+LN1 on N_in, q.k^T on N_in^2, attn.v on (K'+1)*N_in, proj/LN2/MLP on K'+1 (``ViTShape.block``).
+``trace.gmacs`` follows that count in both modes (``compact`` actually skips the q.k^T rows of
+dropped queries, a saving the count does not claim). Padding is never counted as compute; its share
+of token slots is ``trace.padding_waste``. The scoring and sampling themselves (a few element-wise
+ops, a sort over N) are not multiply-accumulates and are not counted, as in fvcore.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .base import TracedViT, adapt
+from .registry import Knob, MethodSpec, register
+
+EPS = 1e-6  # the policy-aware softmax's eps (METHODS.md 2.2 step 2)
+MIN_TOKENS = 2  # CLS + one patch token
+
+
+# --------------------------------------------------------------------------------------------
+# Knobs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ATSConfig:
+    """Resolved knobs: the ATS blocks and the K (tokens kept, CLS included) of each."""
+
+    blocks: tuple[int, ...]
+    tokens: tuple[int, ...]
+    n_ref: int  # initial token count: the released grid has n_ref - 1 points
+    official_padding: bool
+
+    @property
+    def budgeted_form(self) -> bool:
+        """Whether some stage can run the paper's budgeted form (K below its token count)."""
+        return any(k < self.n_ref for k in self.tokens)
+
+
+def _knob_error(name: str, allowed: str, value: Any) -> ValueError:
+    return ValueError(f"ats knob {name!r} must be {allowed}; got {value!r}")
+
+
+def _int_list(name: str, value: Any, allowed: str) -> list[int]:
+    """An int, an integer-valued float, a list of those, or a string '3-11' / '3,4,5' / '3/4/5'."""
+    items: list[Any]
+    if isinstance(value, str):
+        text = value.strip()
+        m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", text)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise _knob_error(name, allowed, value)
+            return list(range(lo, hi + 1))
+        items = [p for p in re.split(r"[,/\s]+", text) if p]
+        if not items:
+            raise _knob_error(name, allowed, value)
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+        if not items:
+            raise _knob_error(name, allowed, value)
+    else:
+        items = [value]
+    out = []
+    for item in items:
+        if isinstance(item, bool):
+            raise _knob_error(name, allowed, value)
+        if isinstance(item, str):
+            try:
+                item = float(item) if not re.fullmatch(r"-?\d+", item.strip()) else int(item)
+            except ValueError:
+                raise _knob_error(name, allowed, value) from None
+        if isinstance(item, float):
+            if not item.is_integer():
+                raise _knob_error(name, allowed, value)
+            item = int(item)
+        if not isinstance(item, int):
+            raise _knob_error(name, allowed, value)
+        out.append(item)
+    return out
+
+
+def resolve_config(
+    depth: int,
+    n_ref: int,
+    keep: float = 1.0,
+    tokens: Any = None,
+    blocks: Any = None,
+    single_stage: bool = False,
+    official_padding: bool = False,
+) -> ATSConfig:
+    """Turn the knobs into stage blocks and per-stage K; every bad value raises a ValueError that
+    names the knob and what it accepts."""
+    allowed_blocks = f"block indices in 0..{depth - 1} (an int, a list, 'a-b' or 'a,b,c'), no repeats"
+    if blocks is None:
+        # The released DeiT-S config runs ATS in blocks 3..11 of 12, i.e. from block 3 to the end;
+        # a shallower backbone keeps "from block 3 to the end" (3..5 on the 6-block digits ViT).
+        stage_blocks = list(range(min(3, depth - 1), depth))
+    else:
+        stage_blocks = _int_list("blocks", blocks, allowed_blocks)
+        if any(b < 0 or b >= depth for b in stage_blocks) or len(set(stage_blocks)) != len(stage_blocks):
+            raise _knob_error("blocks", allowed_blocks, blocks)
+        stage_blocks = sorted(stage_blocks)
+    if not isinstance(single_stage, bool):
+        raise _knob_error("single_stage", "true or false", single_stage)
+    if not isinstance(official_padding, bool):
+        raise _knob_error("official_padding", "true or false", official_padding)
+    if single_stage:
+        stage_blocks = stage_blocks[:1]
+
+    allowed_keep = "a number in (0, 1]: tokens kept per ATS stage as a share of the initial tokens"
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) or not 0 < keep <= 1:
+        raise _knob_error("keep", allowed_keep, keep)
+    allowed_tokens = (
+        f"an integer >= {MIN_TOKENS} (tokens kept per ATS stage, CLS included; >= {n_ref} gives the released "
+        f"behaviour), or a list of {len(stage_blocks)} such integers, one per ATS stage"
+    )
+    if tokens is None:
+        k = int(math.floor(keep * n_ref + 0.5))
+        if k < MIN_TOKENS:
+            raise ValueError(
+                f"ats knob 'keep' = {keep!r} keeps round({keep} * {n_ref}) = {k} token(s) per stage; "
+                f"it must keep at least {MIN_TOKENS} (CLS + one patch token), i.e. keep >= {MIN_TOKENS / n_ref:.3g}"
+            )
+        per_stage = [k] * len(stage_blocks)
+    else:
+        per_stage = _int_list("tokens", tokens, allowed_tokens)
+        if any(k < MIN_TOKENS for k in per_stage):
+            raise _knob_error("tokens", allowed_tokens, tokens)
+        if len(per_stage) == 1:
+            per_stage = per_stage * len(stage_blocks)
+        elif len(per_stage) != len(stage_blocks):
+            raise _knob_error("tokens", allowed_tokens + f" (ATS blocks: {stage_blocks})", tokens)
+    return ATSConfig(tuple(stage_blocks), tuple(per_stage), n_ref, official_padding)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring and sampling (shared by both modes)
+# --------------------------------------------------------------------------------------------
+
+
+def policy_softmax(
+    logits: torch.Tensor,
+    key_policy: torch.Tensor | None,
+    n_eps: torch.Tensor | int,
+    max_over_all: bool,
+) -> torch.Tensor:
+    """The official policy-aware softmax (METHODS.md 2.2 step 2), in float32.
+
+    ``key_policy`` (broadcastable to ``logits``; 1 = attendable key) multiplies the exponentials;
+    ``n_eps`` is the N of the eps/N term (the padded length in the released code, the sample's own
+    token count for batch invariance); ``max_over_all`` subtracts the row max over every slot, as
+    the released code does, instead of over the attendable keys only.
+    """
+    logits = logits.float()
+    if key_policy is None:
+        e = (logits - logits.amax(-1, keepdim=True)).exp()
+    else:
+        if max_over_all:
+            row_max = logits.amax(-1, keepdim=True)
+        else:
+            row_max = logits.masked_fill(key_policy == 0, float("-inf")).amax(-1, keepdim=True)
+        e = (logits - row_max).exp() * key_policy
+    return (e + EPS / n_eps) / (e.sum(-1, keepdim=True) + EPS)
+
+
+def token_scores(cls_attn: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Normalised significance scores of the patch tokens (METHODS.md 2.2 step 3, test 12).
+
+    cls_attn: (B, H, L) CLS attention row per head; v: (B, H, L, D) values; valid: (B, L) or None.
+    Returns (B, L - 1) float32, zero on padding, summing to 1 over each sample's real patches.
+    """
+    v_norm = v[:, :, 1:].float().square().sum(dim=(1, 3)).sqrt()  # ||v_j|| over all heads' channels
+    s = cls_attn[:, :, 1:].float().sum(dim=1) * v_norm
+    if valid is not None:
+        s = s * valid[:, 1:]
+    return s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class Selection(NamedTuple):
+    rows: torch.Tensor  # (B, 1 + Kmax) token indices kept, CLS first, then ascending score
+    row_valid: torch.Tensor | None  # (B, 1 + Kmax) bool, None when no sample is padded
+    n_kept: torch.Tensor  # (B,) tokens kept, CLS included
+    budgeted: torch.Tensor  # (B,) bool: the K - 1 point grid was used
+
+
+def sample_tokens(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None,
+    n_in: torch.Tensor,
+    k: int,
+    n_ref: int,
+    official_padding: bool,
+) -> Selection:
+    """Inverse transform sampling on a fixed grid (METHODS.md 2.2 steps 4-8, 2.3).
+
+    scores: (B, P) normalised patch scores (P = L - 1 patch slots); valid: (B, L) or None;
+    n_in: (B,) real tokens of each sample, CLS included. Vectorised over the batch: no Python loop
+    over samples, one host sync (the compacted length).
+    """
+    b, p = scores.shape
+    dev = scores.device
+    if valid is None:
+        sorted_s, order = torch.sort(scores, dim=1, stable=True)
+        n_pad_cdf = None
+    else:
+        patch_valid = valid[:, 1:]
+        if official_padding:  # padded slots enter the CDF with score 0 (the released quirk)
+            sorted_s, order = torch.sort(scores, dim=1, stable=True)
+        else:  # padded slots sort first and are left out of the CDF
+            key = scores.masked_fill(~patch_valid, -1.0)
+            sorted_s, order = torch.sort(key, dim=1, stable=True)
+            sorted_s = sorted_s.clamp_min(0.0)
+        real_sorted = patch_valid.gather(1, order)
+        n_pad_cdf = None if official_padding else (p - (n_in - 1)).unsqueeze(1)
+    cdf = sorted_s.cumsum(dim=1)
+    lowest = cdf[:, :1] if n_pad_cdf is None else cdf.gather(1, n_pad_cdf)
+    span = cdf[:, -1:] - lowest
+    g = (cdf - lowest) / span.clamp_min(torch.finfo(torch.float32).tiny)
+    if valid is not None:
+        # A lone patch token (or all-zero scores) has no CDF to sample: keep it (G = 1).
+        g = torch.where(span > 0, g, real_sorted.to(g.dtype))
+        if not official_padding:
+            g = g.masked_fill(~real_sorted, -2.0)  # never the nearest to a grid point in [y0, 1]
+    else:
+        g = torch.where(span > 0, g, torch.ones_like(g))
+    y0 = torch.where(g > 0, g, torch.full_like(g, 2.0)).amin(dim=1, keepdim=True).clamp_max(1.0)
+
+    # Grid size per sample: released n_ref - 1 points when K >= N, budgeted K - 1 points when K < N.
+    budgeted = n_in > k
+    m = torch.where(budgeted, torch.full_like(n_in, k - 1), torch.full_like(n_in, n_ref - 1)).unsqueeze(1)
+    m_max = (k - 1) if bool(budgeted.all()) else (n_ref - 1)
+    steps = torch.arange(m_max, device=dev).unsqueeze(0)
+    steps = torch.minimum(steps, m - 1).to(g.dtype)  # extra columns repeat the last point: dropped as duplicates
+    denom = (m - 1).clamp_min(1).to(g.dtype)
+    grid = y0 + (steps - y0 * steps) / denom  # the released form: y0 + step * (1 - y0) / (M - 1)
+    grid = torch.where(m == 1, torch.ones_like(grid), grid)
+
+    pick = (g.unsqueeze(1) - grid.unsqueeze(2)).abs().argmin(dim=2)  # (B, M): nearest, first on ties
+    picked = torch.zeros(b, p, dtype=torch.bool, device=dev).scatter_(1, pick, True)
+    n_picked = picked.sum(dim=1)
+    k_max = int(n_picked.max())
+    # Picked sorted positions in ascending score order, then the unpicked ones (cut off).
+    pos = torch.sort(picked.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :k_max]
+    rows = order.gather(1, pos) + 1
+    rows = torch.cat([torch.zeros(b, 1, dtype=rows.dtype, device=dev), rows], dim=1)
+    if b > 1 and bool((n_picked < k_max).any()):
+        row_valid = torch.arange(k_max + 1, device=dev).unsqueeze(0) <= n_picked.unsqueeze(1)
+    else:
+        row_valid = None
+    return Selection(rows, row_valid, n_picked + 1, budgeted)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def _check_backbone(vit) -> None:
+    if getattr(vit, "cls_token", None) is None or vit.num_prefix_tokens != 1:
+        raise ValueError(
+            "ats needs a ViT with exactly one prefix token, the CLS token (its attention row scores the "
+            f"patches); this model has {vit.num_prefix_tokens} prefix token(s)"
+        )
+    if getattr(vit, "global_pool", "token") != "token" or getattr(vit, "attn_pool", None) is not None:
+        raise ValueError(f"ats needs CLS-token pooling (global_pool='token'); this model pools by {vit.global_pool!r}")
+    for i, blk in enumerate(vit.blocks):
+        ok = all(hasattr(blk, a) for a in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"))
+        attn = getattr(blk, "attn", None)
+        ok = ok and all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim", "scale"))
+        if not ok or type(blk).__name__ != "Block":
+            raise ValueError(f"ats supports timm's pre-LN Block with Attention; block {i} is a {type(blk).__name__}")
+
+
+class ATSViT(TracedViT):
+    """A timm VisionTransformer whose blocks ``ats_config.blocks`` sample tokens (METHODS.md 2)."""
+
+    bench_method = "ats"
+    ats_config: ATSConfig
+
+    @property
+    def budgeted_form(self) -> bool:
+        """True when the budget can run the paper's budgeted form (K - 1 point grid), which the
+        released code cannot (METHODS.md 2.3); each forward flags it per sample in the trace."""
+        return self.ats_config.budgeted_form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        cfg = self.ats_config
+        reference = self.bench_mode == "reference"
+        stage_k = dict(zip(cfg.blocks, cfg.tokens))
+        x = self.embed_tokens(x)
+        b, n0, _ = x.shape
+        n_real = torch.full((b,), n0, dtype=torch.int64, device=x.device)
+        valid: torch.Tensor | None = None  # (B, L) real-token mask; None when nothing is padded
+        policy: torch.Tensor | None = None  # reference mode: the official float policy once a stage ran
+        tokens_in, tokens_out, lengths = [], [], []
+        budgeted = torch.zeros(b, dtype=torch.bool, device=x.device)
+        for i, blk in enumerate(self.blocks):
+            tokens_in.append(n_real)
+            lengths.append(x.shape[1])
+            if i in stage_k:
+                if reference:
+                    x, sel = self._ats_block_reference(blk, x, policy, n_real, stage_k[i])
+                    policy = torch.ones(sel.rows.shape, dtype=x.dtype, device=x.device)
+                    if sel.row_valid is not None:
+                        policy = policy * sel.row_valid
+                else:
+                    x, sel = self._ats_block_compact(blk, x, valid, n_real, stage_k[i])
+                valid, n_real = sel.row_valid, sel.n_kept
+                budgeted = budgeted | sel.budgeted
+            elif reference and policy is not None:
+                x = self._block_reference(blk, x, policy, n_real)
+            elif valid is not None:
+                mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, float("-inf"))
+                x = blk(x, attn_mask=mask[:, None, None, :])
+            else:
+                x = blk(x)
+            tokens_out.append(n_real)
+        x = self.norm(x)
+        logits = self.forward_head(x)
+
+        t_in = torch.stack(tokens_in, dim=1)
+        t_out = torch.stack(tokens_out, dim=1)
+        shape = self.bench_shape
+        f_in, f_out = t_in.double(), t_out.double()
+        gmacs = (shape.embed_macs + shape.block(f_in, f_out).sum(dim=1) + shape.final(f_out[:, -1])) / 1e9
+        slots = b * sum(lengths)
+        self.record(
+            t_in,
+            gmacs=gmacs,
+            tokens_kept=t_out,
+            budgeted_form=budgeted,
+            padding_waste=float(1.0 - float(t_in.sum()) / slots),
+        )
+        return logits
+
+    # -- compact: dropped work is not done ---------------------------------------------------
+
+    def _ats_block_compact(self, blk, x, valid, n_real, k):
+        cfg = self.ats_config
+        attn = blk.attn
+        b, n, _ = x.shape
+        h, d = attn.num_heads, attn.head_dim
+        y = blk.norm1(x)
+        q, kk, v = attn.qkv(y).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, kk = attn.q_norm(q), attn.k_norm(kk)
+        # Only the CLS row of the attention matrix, explicitly (SDPA returns no probabilities).
+        cls_logits = (q[:, :, :1] * attn.scale) @ kk.transpose(-2, -1)  # (B, H, 1, L)
+        if valid is None:
+            cls_attn = policy_softmax(cls_logits, None, n, True)
+        else:
+            key_policy = valid[:, None, None, :].to(torch.float32)
+            if cfg.official_padding:  # the released code zeroes padded k rows: their logit is 0
+                cls_logits = cls_logits.masked_fill(~valid[:, None, None, :], 0.0)
+                cls_attn = policy_softmax(cls_logits, key_policy, n, True)
+            else:
+                cls_attn = policy_softmax(cls_logits, key_policy, n_real[:, None, None, None], False)
+        scores = token_scores(cls_attn[:, :, 0], v, valid)
+        sel = sample_tokens(scores, valid, n_real, k, cfg.n_ref, cfg.official_padding)
+
+        rows = sel.rows
+        q_kept = q.gather(2, rows[:, None, :, None].expand(-1, h, -1, d))
+        mask = None
+        if valid is not None:
+            mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+            mask = mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(
+            q_kept, kk, v, attn_mask=mask, dropout_p=attn.attn_drop.p if self.training else 0.0
+        )
+        o = o.transpose(1, 2).reshape(b, rows.shape[1], h * d)
+        y_kept = None
+        if getattr(attn, "gate", None) is not None:
+            y_kept = y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1]))
+        o = self._attn_out(attn, o, y_kept)
+        x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1])) + blk.drop_path1(blk.ls1(o))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return x, sel
+
+    @staticmethod
+    def _attn_out(attn, o: torch.Tensor, y_rows: torch.Tensor | None) -> torch.Tensor:
+        """timm Attention's tail after the attention product: norm, optional gate, proj, dropout."""
+        o = attn.norm(o)
+        if y_rows is not None:
+            o = o * attn.gate(y_rows).sigmoid()
+        return attn.proj_drop(attn.proj(o))
+
+    # -- reference: the official semantics ---------------------------------------------------
+
+    def _policy_attention(self, blk, x, policy, n_real):
+        """q, k, v rows times the policy, full attention matrix with the policy-aware softmax."""
+        cfg = self.ats_config
+        attn = blk.attn
+        b, n, _ = x.shape
+        h, d = attn.num_heads, attn.head_dim
+        y = blk.norm1(x)
+        q, kk, v = attn.qkv(y).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, kk = attn.q_norm(q), attn.k_norm(kk)
+        p = torch.ones(b, n, dtype=x.dtype, device=x.device) if policy is None else policy
+        p4 = p[:, None, :, None].to(q.dtype)
+        q, kk, v = q * p4, kk * p4, v * p4
+        logits = (q * attn.scale) @ kk.transpose(-2, -1)  # (B, H, L, L)
+        pf = p.to(torch.float32)[:, None, None, :]
+        eye = torch.eye(n, dtype=torch.float32, device=x.device)
+        key_policy = pf + (1.0 - pf) * eye  # the diagonal is always attendable
+        if cfg.official_padding or policy is None:
+            a = policy_softmax(logits, key_policy, n, True)
+        else:
+            a = policy_softmax(logits, key_policy, n_real[:, None, None, None], False)
+        return y, a, v
+
+    def _ats_block_reference(self, blk, x, policy, n_real, k):
+        cfg = self.ats_config
+        attn = blk.attn
+        b, _, c = x.shape
+        h, d = attn.num_heads, attn.head_dim
+        y, a, v = self._policy_attention(blk, x, policy, n_real)
+        valid = None if policy is None else policy > 0
+        if valid is not None and bool(valid.all()):
+            valid = None
+        scores = token_scores(a[:, :, 0], v, valid)
+        sel = sample_tokens(scores, valid, n_real, k, cfg.n_ref, cfg.official_padding)
+        rows = sel.rows
+        a_kept = attn.attn_drop(a.gather(2, rows[:, None, :, None].expand(-1, h, -1, a.shape[-1])))
+        o = (a_kept.to(v.dtype) @ v).transpose(1, 2).reshape(b, rows.shape[1], h * d)
+        y_kept = None
+        if getattr(attn, "gate", None) is not None:
+            y_kept = y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1]))
+        o = self._attn_out(attn, o, y_kept)
+        new_p = torch.ones(rows.shape, dtype=x.dtype, device=x.device)
+        if sel.row_valid is not None:
+            new_p = new_p * sel.row_valid
+        new_p = new_p[..., None]
+        x_kept = x.gather(1, rows[..., None].expand(-1, -1, c)) * new_p  # sentinel rows are zero
+        x = (x_kept + blk.drop_path1(blk.ls1(o))) * new_p
+        x = (x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))) * new_p
+        return x, sel
+
+    def _block_reference(self, blk, x, policy, n_real):
+        """A plain block after an ATS stage: padding masked by the policy-aware softmax."""
+        attn = blk.attn
+        b, n, c = x.shape
+        y, a, v = self._policy_attention(blk, x, policy, n_real)
+        o = (attn.attn_drop(a).to(v.dtype) @ v).transpose(1, 2).reshape(b, n, -1)
+        o = self._attn_out(attn, o, y if getattr(attn, "gate", None) is not None else None)
+        p = policy[..., None]
+        x = (x + blk.drop_path1(blk.ls1(o))) * p
+        return (x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))) * p
+
+
+def _build(
+    vit,
+    mode: str,
+    keep: float = 1.0,
+    tokens: Any = None,
+    blocks: Any = None,
+    single_stage: bool = False,
+    official_padding: bool = False,
+):
+    _check_backbone(vit)
+    n_ref = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    cfg = resolve_config(len(vit.blocks), n_ref, keep, tokens, blocks, single_stage, official_padding)
+    model = adapt(
+        vit,
+        ATSViT,
+        mode,
+        {"keep": keep, "tokens": tokens, "blocks": blocks, "single_stage": single_stage, "official_padding": official_padding},
+    )
+    model.ats_config = cfg
+    return model
+
+
+SPEC = register(
+    MethodSpec(
+        id="ats",
+        paper="Fayyaz et al. 2022, Adaptive Token Sampling for Efficient Vision Transformers (ECCV)",
+        arxiv="2111.15667",
+        summary="parameter-free token sampling by CLS attention x value norm, per stage (no training)",
+        build=_build,
+        knobs=(
+            Knob(
+                "keep",
+                float,
+                1.0,
+                "tokens kept per ATS stage as a share of the initial tokens N0 (CLS included): "
+                "K = round(keep * N0) at every stage (65 tokens on the digits ViT, 197 on DeiT-S at 224); "
+                "1.0 = the released behaviour (K >= N, only duplicate picks are dropped)",
+            ),
+            Knob(
+                "tokens",
+                object,
+                None,
+                "absolute K per ATS stage (CLS included); one integer for every stage or one per stage "
+                "('108' or '108/100/90'); overrides keep. K < the current token count is the paper's "
+                "budgeted form (K - 1 grid points), which the released code cannot run",
+            ),
+            Knob(
+                "blocks",
+                object,
+                None,
+                "ATS blocks, 0-based ('3-11', '3/6/9' or a list); default: block 3 to the last block "
+                "(3-11 on 12-block DeiT-S as the released config, 3-5 on the 6-block digits ViT)",
+            ),
+            Knob("single_stage", bool, False, "ATS only in the first of the ATS blocks (the paper's single-stage variant)"),
+            Knob(
+                "official_padding",
+                bool,
+                False,
+                "reproduce the released padding quirk: padded slots enter the next stage's CDF with score 0, "
+                "so batched results depend on batch mates (METHODS.md test 16); default excludes padding",
+            ),
+        ),
+        modes=("compact", "reference"),
+        primary_knob="keep",
+        default_budgets=("1.0", "0.7", "0.5", "0.35", "0.25"),
+        extras={
+            "tokens_kept": "(B, depth) tokens leaving each block, CLS included (an ATS block's kept count)",
+            "budgeted_form": "(B,) bool: some ATS stage ran the paper's K-1 point grid (K < tokens), not the released code",
+            "padding_waste": "share of token slots in the batch that were padding (0 at batch 1)",
+        },
+    )
+)

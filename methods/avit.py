@@ -1,0 +1,563 @@
+"""A-ViT (Yin et al., CVPR 2022, arXiv 2112.07658; titled "AdaViT" on arXiv): per-token halting.
+
+METHODS.md section 1 describes what the official code (NVlabs/A-ViT @ 120c9cb) does; this module
+reimplements it on a stock timm VisionTransformer without adding parameters, so a timm state dict
+(DeiT, or the embedded-default digits backbone) loads unchanged.
+
+Halting (METHODS.md 1.2): after block l the score of token k is h = sigmoid(gamma * x0 - beta),
+x0 = channel 0 of the token's block output (residual stream, before any norm); h is forced to 1 at
+the last block. Cumulative scores c; a token halts at the first block where c > 1 - eps and then
+contributes its remainder R = 1 - (scores before) to a halting-weighted output
+o = sum_l h_l x_l + R x_N. Every token, CLS included, can halt. Prediction = head(norm(o_CLS)).
+
+Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
+
+* ``reference``: the official masked execution. Halted tokens stay in the tensor, are zeroed, their
+  LayerNorm inputs/outputs and MLP inputs are zeroed and every halted *key* gets a -1000 logit
+  bias. Costs the dense model's time; reproduces the official garbage outputs of halted rows, which
+  the official prior (``official_prior_quirk``) reads. Training always runs in this mode.
+* ``compact``: "token zipping" (announced in the README, never released, METHODS.md 1.5). Halted
+  tokens are physically removed. Active tokens of the batch are kept *packed* (one row per active
+  token, samples one after another), so LayerNorms, qkv, proj and the MLP run only on active rows;
+  only the attention product needs a per-sample layout, for which the packed rows are scattered
+  into a (B, longest, .) buffer with a key-padding mask. At batch 1, or whenever every sample has
+  the same number of active tokens, the buffer is a view and there is no mask and no padding.
+  ``padding_waste`` in the trace is the share of those attention slots that were padding.
+
+Both modes give the same logits and the same per-token halting depths (METHODS.md test 7); the
+per-sample MACs come from the depths by the closed form of METHODS.md 1.5 (block l costs
+block(N_l) with N_l the tokens still active) in both modes; only ``compact`` saves time.
+
+Training (METHODS.md 1.3, 1.4, section 4): task loss + ponder loss (mean over batch and tokens of
+N + R; gradient only through R) + a KL prior on the per-layer halting-score distribution, with
+the official Gaussian target (rescaled as in the official ``get_distribution_target``) or the
+student repo's variance-matched Laplace log-density (METHODS.md section 4, test 24).
+
+Defaults for the 6-block embedded default (the official values are for 12-block DeiT):
+* the prior's target is the official "index 8 of 12" scaled to the depth: ``target_depth``
+  = 1 + 8 * L / 12 (1-based block), i.e. 9 for L = 12 and 5 for L = 6;
+* gate scale / centre: see ``DEFAULT_GATE_SCALE`` and ``DEFAULT_TRAIN_GATE_CENTER`` below.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import TracedViT, adapt
+from .registry import Knob, MethodSpec, register
+
+EPS = 0.01  # METHODS.md 1.2: hard-coded in the official code
+KEY_MASK_BIAS = -1000.0  # METHODS.md 1.2 step 2: logit bias of halted keys in the official code
+OFFICIAL_DEPTH = 12
+OFFICIAL_TARGET_INDEX = 8  # 0-based layer index of the official Gaussian target (METHODS.md 1.3)
+OFFICIAL_Q_CLAMP = (0.01, 0.99)  # METHODS.md 1.3
+
+# Gate defaults for the embedded-default digits backbone (6 blocks, width 96): see the module
+# docstring of tests/test_avit.py and the issue note for how they were chosen. The official DeiT
+# values (gamma / beta = 10 / 30 for A-ViT-T, 10 / 75 for A-ViT-S) assume DeiT's residual stream.
+DEFAULT_GATE_SCALE = 10.0
+DEFAULT_TRAIN_GATE_CENTER = 10.0
+
+
+def default_target_depth(depth: int) -> float:
+    """The official target (0-based index 8 of 12, i.e. block 9) scaled to ``depth`` blocks."""
+    return 1.0 + OFFICIAL_TARGET_INDEX * depth / OFFICIAL_DEPTH
+
+
+# --------------------------------------------------------------------------------------------
+# Halting bookkeeping (METHODS.md 1.2 steps 5-8), shared by both execution modes.
+
+
+def halting_update(
+    cum: torch.Tensor,
+    rem: torch.Tensor,
+    out: torch.Tensor,
+    h: torch.Tensor,
+    x: torch.Tensor,
+    active: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's halting update, elementwise over tokens (any leading shape).
+
+    ``cum``/``rem``/``h``: (...,) float; ``out``/``x``: (..., C); ``active``: (...,) bool, or
+    None when every token given is active (compact mode). Returns the new cumulative score,
+    remainder and output accumulator plus the boolean masks ``reached`` (halts here and adds its
+    remainder) and ``go_on`` (still active after this block). A token whose cumulative score equals
+    1 - eps exactly is neither: the official code drops it without adding its remainder
+    (METHODS.md 1.2, edge case), and so does this function.
+    """
+    threshold = 1.0 - eps
+    cum = cum + h
+    reached = cum > threshold
+    if active is not None:
+        reached = reached & active
+    go_on = cum < threshold
+    zero = torch.zeros((), dtype=h.dtype, device=h.device)
+    weight = torch.where(reached, rem, torch.where(go_on, h, zero))
+    out = out + weight.unsqueeze(-1) * x.to(out.dtype)
+    rem = torch.where(go_on, rem - h, rem)
+    return cum, rem, out, reached, go_on
+
+
+def halting_scores(x: torch.Tensor, gate_scale: float, gate_center: float) -> torch.Tensor:
+    """h = sigmoid(gamma * x0 - beta) from channel 0 of the block output, in float32."""
+    return torch.sigmoid(gate_scale * x[..., 0].float() - gate_center)
+
+
+# --------------------------------------------------------------------------------------------
+# Priors and losses (METHODS.md 1.3 and section 4).
+
+
+def prior_target(depth: int, target_depth: float, prior: str = "gaussian", std: float = 1.0) -> torch.Tensor:
+    """The target vector p over the ``depth`` layers (float64).
+
+    ``gaussian`` (official ``get_distribution_target``, generalised): the normal pdf with mean
+    index ``target_depth - 1`` (0-based) and ``std`` at indices 0..depth-1, rescaled so that the
+    entries *before* the mean index sum to 0.98. For depth 12 and target 9 this is the official
+    vector [0, 0, 0, 0, 0.0004, 0.0145, 0.1761, 0.789, 1.3009, 0.789, 0.1761, 0.0145], total 3.26
+    (not a distribution, METHODS.md 1.3).
+
+    ``laplace`` (student repo, METHODS.md section 4): the un-normalised density of
+    Laplace(mu = target_depth, b = std / sqrt(2)) (variance-matched to the normal) at depths
+    1..depth, i.e. log p(d) = -log(2b) - |d - mu| / b.
+    """
+    if prior == "gaussian":
+        mean = target_depth - 1.0
+        idx = torch.arange(depth, dtype=torch.float64)
+        pdf = torch.exp(-0.5 * ((idx - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+        before = pdf[idx < mean].sum()
+        if before <= 0:
+            raise ValueError(f"target_depth {target_depth} leaves no layer before the mean to normalise on")
+        return pdf * (0.98 / before)
+    if prior == "laplace":
+        b = std / math.sqrt(2.0)
+        d = torch.arange(1, depth + 1, dtype=torch.float64)
+        return torch.exp(-math.log(2 * b) - (d - target_depth).abs() / b)
+    raise ValueError(f"unknown prior {prior!r}; use 'gaussian' or 'laplace'")
+
+
+def halting_distribution(
+    scores: torch.Tensor, active: torch.Tensor, num_prefix_tokens: int = 1, official_quirk: bool = False
+) -> torch.Tensor:
+    """Per-layer mean halting score q (L,), before normalisation (METHODS.md 1.3, issue #4).
+
+    ``scores``: (L, B, N) raw (un-forced) halting scores; ``active``: (L, B, N) bool, whether the
+    token was active in that block.
+
+    ``official_quirk=True`` reproduces the official code: the mean over batch entries 1..B-1 (the
+    ``[1:]`` meant for the CLS token hits the batch axis) and all tokens, halted ones included
+    (their scores come from their masked "garbage" outputs). Needs reference-mode scores.
+
+    ``official_quirk=False`` (the corrected per-token mean): over every sample and the patch tokens
+    (prefix tokens excluded), with halted tokens contributing 0, i.e. the average halting mass a
+    patch token spends in each layer. This is also what compact execution can compute.
+    """
+    if official_quirk:
+        return scores[:, 1:].mean(dim=(1, 2))
+    s = scores[:, :, num_prefix_tokens:] * active[:, :, num_prefix_tokens:].to(scores.dtype)
+    return s.sum(dim=(1, 2)) / max(1, s.shape[1] * s.shape[2])
+
+
+def prior_loss(q: torch.Tensor, target: torch.Tensor, clamp: tuple[float, float] = OFFICIAL_Q_CLAMP) -> torch.Tensor:
+    """KL(target || q) as PyTorch's kl_div with 'batchmean' on a length-L vector computes it:
+    (1/L) * sum_l p_l (log p_l - log q_l), with q normalised to sum 1 and clamped (METHODS.md 1.3)."""
+    q = q / q.sum()
+    q = q.clamp(*clamp)
+    p = target.to(device=q.device, dtype=q.dtype)
+    return (torch.xlogy(p, p) - p * torch.log(q)).sum() / q.shape[0]
+
+
+def ponder_loss(ponder: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and tokens of rho = N + R (METHODS.md 1.3); only R carries gradient."""
+    return ponder.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+@dataclass
+class _Layout:
+    """Where packed rows (one per active token, samples in order) sit in a (B, length) buffer."""
+
+    batch: int
+    length: int
+    flat: torch.Tensor | None  # (T,) row index into the (B * length) buffer; None: packed == buffer
+    mask: torch.Tensor | None  # (B, 1, 1, length) bool key mask (True = real) or additive bias
+
+    @property
+    def slots(self) -> int:
+        return self.batch * self.length
+
+
+def _packed_layout(sample: torch.Tensor, batch: int) -> _Layout:
+    """Layout of packed rows whose sample ids ``sample`` (T,) are sorted ascending."""
+    counts = torch.bincount(sample, minlength=batch)
+    length = int(counts.max())
+    rows = sample.shape[0]
+    if rows == batch * length:  # every sample has the same count: the packed rows are the buffer
+        return _Layout(batch, length, None, None)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows, device=sample.device) - starts[sample]
+    flat = sample * length + pos
+    mask = (torch.arange(length, device=sample.device) < counts[:, None])[:, None, None, :]
+    return _Layout(batch, length, flat, mask)
+
+
+def _attention(attn: nn.Module, y: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """timm ``Attention`` on packed rows ``y`` (T, C); the products run in ``lay``'s buffer."""
+    qkv = attn.qkv(y)
+    width = qkv.shape[-1]
+    if lay.flat is not None:
+        qkv = qkv.new_zeros(lay.slots, width).index_copy(0, lay.flat, qkv)
+    qkv = qkv.view(lay.batch, lay.length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = lay.mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )
+    o = o.transpose(1, 2).reshape(lay.slots, attn.attn_dim)
+    if lay.flat is not None:
+        o = o.index_select(0, lay.flat)
+    o = attn.norm(o)
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(y).sigmoid()
+    return attn.proj_drop(attn.proj(o))
+
+
+def _block_packed(blk: nn.Module, x: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """A timm pre-LN ``Block`` on packed active rows (compact mode)."""
+    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lay)))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def _block_masked(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """The official masked block (METHODS.md 1.2 step 2) on (B*N, C) rows; ``keep`` (B*N, 1) is 1
+    for active tokens, ``lay.mask`` the -1000 bias on halted keys."""
+    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x * keep) * keep, lay)))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x * keep) * keep)))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class AViT(TracedViT):
+    """A timm VisionTransformer with A-ViT halting; ``bench_mode`` is ``compact`` or ``reference``.
+
+    After a forward in training mode (reference execution), ``self._avit_aux`` holds what the
+    losses need: ``ponder`` (B, N) rho = N + R with gradient through R, ``scores`` (L, B, N) raw
+    halting scores and ``active`` (L, B, N) bool.
+    """
+
+    bench_method = "avit"
+
+    def bench_setup(self, mode: str, knobs: dict[str, Any]) -> None:
+        from timm.models.vision_transformer import Attention
+
+        for i, blk in enumerate(self.blocks):
+            needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+            if not all(hasattr(blk, n) for n in needed) or not isinstance(blk.attn, Attention):
+                raise TypeError(f"avit supports timm's pre-LN Block with Attention; block {i} is {type(blk).__name__}")
+        super().bench_setup(mode, knobs)
+        self.__dict__["_avit_aux"] = None
+
+    def _cls_only(self) -> bool:
+        return self.global_pool == "token" and getattr(self, "attn_pool", None) is None
+
+    def _head(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.forward_head(self.norm(out.to(dtype)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.bench_mode == "reference":
+            return self._forward_reference(x)
+        return self._forward_compact(x)
+
+    def _gate(self) -> tuple[float, float, float]:
+        k = self.bench_knobs
+        return float(k["gate_scale"]), float(k["gate_center"]), float(k["eps"])
+
+    # -- reference: the official masked execution ---------------------------------------------
+    def _forward_reference(self, img: torch.Tensor) -> torch.Tensor:
+        gamma, beta, eps = self._gate()
+        x = self.embed_tokens(img)
+        dtype = x.dtype
+        B, N, C = x.shape
+        depth = len(self.blocks)
+        dev = x.device
+        f32 = torch.float32
+        x = x.reshape(B * N, C)
+        active = torch.ones(B * N, dtype=torch.bool, device=dev)
+        cum = torch.zeros(B * N, dtype=f32, device=dev)
+        rem = torch.ones(B * N, dtype=f32, device=dev)
+        out = torch.zeros(B * N, C, dtype=f32, device=dev)
+        rho = torch.zeros(B * N, dtype=f32, device=dev)
+        counter = torch.ones(B * N, dtype=torch.int64, device=dev)
+        want_aux = self.training
+        scores, actives = [], []
+        for l, blk in enumerate(self.blocks):
+            keep = active.to(dtype).unsqueeze(-1)
+            x = x * keep  # step 1 (the official code writes .data; here the graph sees the zeros)
+            bias = torch.where(active, 0.0, KEY_MASK_BIAS).to(dtype).view(B, 1, 1, N)
+            x = _block_masked(blk, x, keep, _Layout(B, N, None, bias))
+            h_raw = halting_scores(x, gamma, beta)
+            h = torch.ones_like(h_raw) if l == depth - 1 else h_raw
+            x = x * keep  # step 4
+            if want_aux:
+                scores.append(h_raw.view(B, N))
+                actives.append(active.view(B, N))
+            rho = rho + active.to(f32)
+            cum, rem, out, reached, go_on = halting_update(cum, rem, out, h, x, active, eps)
+            rho = rho + torch.where(reached, rem, torch.zeros((), dtype=f32, device=dev))
+            counter = counter + go_on.to(torch.int64)
+            active = go_on
+        out = out.view(B, N, C)
+        logits = self._head(out[:, :1] if self._cls_only() else out, dtype)
+        depths = counter.view(B, N)
+        rho = rho.view(B, N)
+        if want_aux:
+            self.__dict__["_avit_aux"] = {"ponder": rho, "scores": torch.stack(scores), "active": torch.stack(actives)}
+        tokens = self._tokens_from_depths(depths, depth)
+        masked = 1.0 - float(tokens.sum()) / float(B * N * depth)
+        self._record(tokens, depths, rho.detach(), padding_waste=masked)
+        return logits
+
+    # -- compact: token zipping -----------------------------------------------------------------
+    def _forward_compact(self, img: torch.Tensor) -> torch.Tensor:
+        gamma, beta, eps = self._gate()
+        x = self.embed_tokens(img)
+        dtype = x.dtype
+        B, N, C = x.shape
+        depth = len(self.blocks)
+        dev = x.device
+        f32 = torch.float32
+        cls_only = self._cls_only()
+        keep_final = 1 if cls_only else N
+        x = x.reshape(B * N, C)
+        token = torch.arange(N, device=dev).repeat(B)  # original token index of each packed row
+        sample = torch.arange(B, device=dev).repeat_interleave(N)  # sample of each packed row
+        cum = torch.zeros(B * N, dtype=f32, device=dev)
+        rem = torch.ones(B * N, dtype=f32, device=dev)
+        out = torch.zeros(B * N, C, dtype=f32, device=dev)
+        final = torch.zeros(B, keep_final, C, dtype=f32, device=dev)
+        depths = torch.full((B, N), depth, dtype=torch.int64, device=dev)
+        rem_final = torch.zeros(B, N, dtype=f32, device=dev)
+        lay = _Layout(B, N, None, None)
+        slots = padded = 0
+        for l, blk in enumerate(self.blocks):
+            x = _block_packed(blk, x, lay)
+            rows = x.shape[0]
+            slots += lay.slots
+            padded += lay.slots - rows
+            last = l == depth - 1
+            h = torch.ones(rows, dtype=f32, device=dev) if last else halting_scores(x, gamma, beta)
+            cum, rem, out, reached, go_on = halting_update(cum, rem, out, h, x, None, eps)
+            stop = torch.ones_like(go_on) if last else ~go_on
+            done = stop.nonzero().squeeze(1)
+            if done.numel() == 0:
+                continue
+            d_sample, d_token = sample[done], token[done]
+            depths.index_put_((d_sample, d_token), torch.full_like(d_token, l + 1))
+            rem_final.index_put_((d_sample, d_token), torch.where(reached[done], rem[done], 0.0))
+            if cls_only:
+                is_cls = (d_token == 0).nonzero().squeeze(1)
+                final[d_sample[is_cls], 0] = out[done[is_cls]].to(final.dtype)
+            else:
+                final.index_put_((d_sample, d_token), out[done].to(final.dtype))
+            if last:
+                break
+            kept = go_on.nonzero().squeeze(1)
+            if kept.numel() == 0:  # every token of every sample halted: later blocks get nothing
+                break
+            x, cum, rem, out = x.index_select(0, kept), cum.index_select(0, kept), rem.index_select(0, kept), out.index_select(0, kept)
+            token, sample = token.index_select(0, kept), sample.index_select(0, kept)
+            lay = _packed_layout(sample, B)
+        logits = self._head(final, dtype)
+        tokens = self._tokens_from_depths(depths, depth)
+        rho = depths.to(f32) + rem_final
+        self._record(tokens, depths, rho, padding_waste=padded / slots if slots else 0.0)
+        return logits
+
+    # -- trace ------------------------------------------------------------------------------------
+    @staticmethod
+    def _tokens_from_depths(depths: torch.Tensor, depth: int) -> torch.Tensor:
+        """(B, depth) tokens entering each block: block l (0-based) sees tokens with depth > l."""
+        levels = torch.arange(depth, device=depths.device)
+        return (depths.unsqueeze(-1) > levels).sum(dim=1)
+
+    def _record(self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float) -> None:
+        shape = self.bench_shape
+        n_final = torch.full((tokens.shape[0],), 1 if self._cls_only() else shape.num_tokens, dtype=torch.float64)
+        gmacs = shape.gmacs_from_tokens(tokens.cpu(), n_final)
+        self.record(
+            tokens.cpu(),
+            gmacs=gmacs,
+            depths=depths.detach().cpu(),
+            ponder=rho.detach().float().mean(dim=1).cpu(),
+            padding_waste=float(padding_waste),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Training (METHODS.md 1.3 / 1.4, scaled to the embedded default)
+
+TRAIN_SETTINGS: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 128,
+    "lr": 5e-4,
+    "weight_decay": 0.05,
+    "warmup_steps": 10,
+    "label_smoothing": 0.1,
+    "grad_clip": 1.0,
+    "ponder_weight": 5e-3,
+    "prior_weight": 1e-1,
+    "seed": 0,
+}
+
+
+def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
+    """Fine-tune ``model`` (an A-ViT from ``methods.build``) in place: task + ponder + prior loss.
+
+    Runs the reference (masked) execution with the training gate centre ``train_gate_center``
+    (the inference knob ``gate_center`` is restored afterwards); the prior is built from the
+    ``prior``, ``target_depth`` and ``prior_std`` knobs, and ``official_prior_quirk`` selects the
+    official per-layer mean (issue #4) or the corrected one. Returns what was measured.
+    """
+    if not isinstance(model, AViT):
+        raise TypeError("avit.train needs a model built by methods.build('avit', ...)")
+    s = {**TRAIN_SETTINGS, **(settings or {})}
+    knobs = model.bench_knobs
+    depth = len(model.blocks)
+    target_depth = knobs["target_depth"] or default_target_depth(depth)
+    target = prior_target(depth, target_depth, knobs["prior"], knobs["prior_std"])
+    saved_mode, saved_center = model.bench_mode, knobs["gate_center"]
+    model.bench_mode, knobs["gate_center"] = "reference", knobs["train_gate_center"]
+    torch.manual_seed(int(s["seed"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
+    epochs = int(s["epochs"])
+    total = max(1, epochs * int(data.steps_per_epoch))
+    warmup = max(1, int(s["warmup_steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup))),
+    )
+    history = []
+    start = time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            model.train()
+            sums = {"loss": 0.0, "task": 0.0, "ponder": 0.0, "prior": 0.0, "depth": 0.0}
+            steps = 0
+            for images, labels in data.batches(epoch):
+                logits = model(images)
+                aux = model._avit_aux
+                task = F.cross_entropy(logits, labels, label_smoothing=float(s["label_smoothing"]))
+                ponder = ponder_loss(aux["ponder"])
+                q = halting_distribution(aux["scores"], aux["active"], model.num_prefix_tokens, bool(knobs["official_prior_quirk"]))
+                prior = prior_loss(q, target)
+                loss = task + float(s["ponder_weight"]) * ponder + float(s["prior_weight"]) * prior
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if s["grad_clip"]:
+                    nn.utils.clip_grad_norm_(params, float(s["grad_clip"]))
+                opt.step()
+                sched.step()
+                steps += 1
+                for key, v in (("loss", loss), ("task", task), ("ponder", ponder), ("prior", prior)):
+                    sums[key] += float(v.detach())
+                sums["depth"] += float(model._bench_trace.depths.float().mean())
+                progress.advance(1)
+                if steps % 10 == 0:
+                    progress.note(f"epoch {epoch + 1}: loss {sums['loss'] / steps:.3f}, mean depth {sums['depth'] / steps:.2f}")
+            row = {"epoch": epoch + 1, **{k: round(v / max(1, steps), 4) for k, v in sums.items()}}
+            history.append(row)
+        model.__dict__["_avit_aux"] = None
+        val = evaluate(model, data.val_batches())
+    finally:
+        model.eval()
+        model.__dict__["_avit_aux"] = None
+        model.bench_mode, knobs["gate_center"] = saved_mode, saved_center
+    progress.note(f"val top-1 {val['val_top1']:.1%}, mean depth {val['val_mean_depth']:.2f} of {depth}")
+    return {
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "target_depth": target_depth,
+        "history": history,
+        **val,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Any) -> dict:
+    """Top-1, mean token depth and GMACs ratio of ``model`` (as configured) over ``batches``."""
+    model.eval()
+    correct = n = 0
+    depth_sum = gmacs_sum = 0.0
+    for images, labels in batches:
+        logits = model(images)
+        tr = model._bench_trace
+        correct += int((logits.argmax(-1) == labels).sum())
+        n += int(labels.shape[0])
+        depth_sum += float(tr.depths.float().mean(dim=1).sum())
+        gmacs_sum += float(tr.gmacs.sum())
+    dense = model.bench_shape.dense_gmacs()
+    return {
+        "val_top1": correct / max(1, n),
+        "val_mean_depth": depth_sum / max(1, n),
+        "val_gmacs_ratio": gmacs_sum / max(1, n) / dense,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+
+KNOBS = (
+    Knob("gate_center", float, DEFAULT_TRAIN_GATE_CENTER, "gate centre beta at inference: h = sigmoid(gamma*x0 - beta); higher = deeper"),
+    Knob("gate_scale", float, DEFAULT_GATE_SCALE, "gate scale gamma (training and inference)"),
+    Knob("eps", float, EPS, "halting threshold: a token halts once its cumulative score exceeds 1 - eps"),
+    Knob("train_gate_center", float, DEFAULT_TRAIN_GATE_CENTER, "gate centre beta used while fine-tuning"),
+    Knob("prior", str, "gaussian", "halting prior: 'gaussian' (official target) or 'laplace' (student repo, variance-matched)"),
+    Knob("target_depth", float, 0.0, "block (1-based) where the prior peaks; 0 = official 9 of 12 scaled to the depth (5 of 6)"),
+    Knob("prior_std", float, 1.0, "prior spread sigma (Laplace b = sigma / sqrt 2)"),
+    Knob("official_prior_quirk", bool, False, "per-layer mean over batch[1:] incl. halted tokens (official issue #4) instead of the corrected one"),
+)
+
+
+def _build(vit: nn.Module, mode: str, **knobs: Any) -> nn.Module:
+    if knobs["prior"] not in ("gaussian", "laplace"):
+        raise ValueError(f"knob 'prior' of method 'avit' must be 'gaussian' or 'laplace', got {knobs['prior']!r}")
+    if not 0.0 < knobs["eps"] < 1.0:
+        raise ValueError(f"knob 'eps' of method 'avit' must lie in (0, 1), got {knobs['eps']!r}")
+    return adapt(vit, AViT, mode, knobs)
+
+
+SPEC = register(
+    MethodSpec(
+        id="avit",
+        paper="Yin et al., CVPR 2022, A-ViT: Adaptive Tokens for Efficient Vision Transformer",
+        arxiv="2112.07658",
+        summary="per-token halting from channel 0 of the residual stream; compact mode removes halted tokens",
+        build=_build,
+        knobs=KNOBS,
+        modes=("compact", "reference"),
+        primary_knob="gate_center",
+        default_budgets=("8", "10", "12", "14"),
+        train=train,
+        train_knobs=("gate_scale", "train_gate_center", "eps", "prior", "target_depth", "prior_std", "official_prior_quirk"),
+        train_settings=dict(TRAIN_SETTINGS),
+        extras={
+            "depths": "(B, N) int: halting depth of each token (blocks it went through, 1..depth)",
+            "ponder": "(B,) float: mean over tokens of rho = depth + remainder (the ponder cost)",
+            "padding_waste": "float: compact: share of attention slots that were padding; reference: share of masked slots",
+        },
+    )
+)

@@ -1,0 +1,164 @@
+"""`bench` end to end as a user runs it: real subprocesses, real files."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, bench_cmd
+
+
+def bench(*args, cwd=ROOT, env_extra=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([*bench_cmd(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in p.stderr + p.stdout
+    assert lines and lines[0].startswith("error:"), p.stderr
+    text = " ".join(ln.strip() for ln in lines)  # rich may wrap one long line on narrow terminals
+    for n in needles:
+        assert n in text, (n, p.stderr)
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["run"], ["report"], ["list"], ["train"]):
+        p = bench(*cmd, "--help")
+        assert p.returncode == 0, p.stderr
+        assert "Usage" in p.stdout
+    p = bench("run", "--help")
+    for flag in ("--methods", "--profile", "--dataset", "--data", "--backbone", "--checkpoint", "--budgets", "--device",
+                 "--batch-sizes", "--precision", "--out", "--resume", "--seed"):
+        assert flag in p.stdout, flag
+
+
+def test_list_shows_methods_datasets_profiles_budgets():
+    p = bench("list")
+    assert p.returncode == 0, p.stderr
+    for word in ("deit", "digits", "default", "smoke", "budgets"):
+        assert word in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--methods", "nope"], ["unknown method 'nope'"]),
+        (["--dataset", "mnist"], ["unknown data set 'mnist'"]),
+        (["--profile", "nope"], ["unknown profile 'nope'"]),
+        (["--device", "tpu"], ["device 'tpu'"]),
+        (["--device", "cuda:7"], ["cuda:7"]),
+        (["--precision", "fp8"], ["unknown precision 'fp8'"]),
+        (["--batch-sizes", "1,x"], ["--batch-sizes"]),
+        (["--budgets", "deit=0.5"], ["no budget knob"]),
+        (["--backbone", "resnet_nope"], ["unknown backbone 'resnet_nope'"]),
+        (["--checkpoint", "/nonexistent/w.pth"], ["/nonexistent/w.pth", "does not exist"]),
+        (["--dataset", "digits", "--data", "/nonexistent/data"], ["/nonexistent/data", "does not exist"]),
+    ],
+)
+def test_bad_input_one_line_error(tmp_path, args, needles):
+    p = bench("run", "--profile", "smoke", "--out", str(tmp_path / "r"), "--reports", str(tmp_path / "rep"), *args)
+    assert_clean_error(p, *needles)
+
+
+def test_unwritable_results_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = bench("run", "--profile", "smoke", "--out", str(blocker / "results"))
+    assert_clean_error(p, "cannot be written")
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bench.toml"
+    bad.write_text("[profiles.default]\nbatch_sizes = 'many'\n")
+    p = bench("run", "--config", str(bad))
+    assert_clean_error(p, str(bad), "profiles.default.batch_sizes")
+
+
+def test_report_errors(tmp_path):
+    assert_clean_error(bench("report", "--results", str(tmp_path)), "no runs under")
+    (tmp_path / "notarun").mkdir()
+    assert_clean_error(bench("report", str(tmp_path / "notarun")), "not a bench run")
+
+
+def test_smoke_run_writes_results_and_report(tmp_path):
+    out, rep = tmp_path / "results", tmp_path / "reports"
+    p = bench("run", "--profile", "smoke", "--out", str(out), "--reports", str(rep), "--seed", "3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = list(out.iterdir())
+    assert f"results: {run_dir}" in p.stdout.replace("\n", "")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["seeds"]["run"] == 3 and manifest["config"]["seed"] == 3
+    for key in ("versions", "git", "threads", "checkpoint_sha256", "dataset", "command"):
+        assert manifest.get(key) not in (None, ""), key
+    assert len(manifest["checkpoint_sha256"]) == 64
+    df = pd.read_json(run_dir / "records.jsonl", lines=True, dtype=False)
+    assert len(df) == manifest["planned_cells"] == len(df.drop_duplicates(["method", "budget", "batch_size"]))
+    dense = df[df.method == "deit"]
+    assert sorted(dense.batch_size) == [1, 8]
+    r = dense.iloc[0]
+    assert r.n_samples == 200 and 0 <= r.top1_ci_low <= r.top1 <= r.top1_ci_high <= 100
+    assert r.gmacs == pytest.approx(r.dense_gmacs) and r.gmacs_ratio == pytest.approx(1.0)
+    assert r.latency_ms_p50 <= r.latency_ms_p90 <= r.latency_ms_p99
+    assert r.img_per_s > 0 and r.peak_mem_mb > 0 and r.param_count_m > 0
+    assert r.top1 > 80  # the shipped (or cached) backbone really classifies digits
+    board = rep / run_dir.name / "leaderboard.md"
+    assert board.is_file() and "2012.12877" in board.read_text()
+    csv = pd.read_csv(rep / run_dir.name / "leaderboard.csv")
+    assert {"gmacs", "top1", "img_per_s", "latency_ms_p90", "peak_mem_mb"} <= set(csv.columns)
+    # `bench report` on the same run rebuilds the same leaderboard.
+    rep2 = tmp_path / "again"
+    p = bench("report", run_dir.name, "--results", str(out), "--out", str(rep2))
+    assert p.returncode == 0, p.stderr
+    assert pd.read_csv(rep2 / run_dir.name / "leaderboard.csv").equals(csv)
+
+
+def _wait_for_records(run_root: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> Path:
+    start = time.time()
+    while time.time() - start < timeout:
+        for rec in run_root.glob("*/records.jsonl"):
+            if len([ln for ln in rec.read_text().splitlines() if ln.strip()]) >= n:
+                return rec.parent
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {n} records: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for records")
+
+
+def _start(out: Path, *extra) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [*bench_cmd(), "run", "--profile", "smoke", "--batch-sizes", "1,2,4,8", "--out", str(out), "--reports", str(out.parent / "rep"), *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_interrupted_run_resumes_without_repeating_cells(tmp_path, sig):
+    out = tmp_path / "results"
+    proc = _start(out)
+    run_dir = _wait_for_records(out, 1, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    stderr = proc.stderr.read()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, stderr[-2000:]
+        assert "Traceback" not in stderr and "interrupted" in stderr
+        assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+    before = pd.read_json(run_dir / "records.jsonl", lines=True, dtype=False)  # still readable
+    assert 1 <= len(before) < 4
+    finished_before = dict(zip(before.batch_size, before.finished))
+    p = bench("run", "--resume", "--out", str(out), "--reports", str(tmp_path / "rep"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = pd.read_json(run_dir / "records.jsonl", lines=True, dtype=False)
+    assert sorted(after.batch_size) == [1, 2, 4, 8]  # every cell once
+    for bs, stamp in finished_before.items():  # finished cells were not repeated
+        assert after.loc[after.batch_size == bs, "finished"].item() == stamp
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    assert len(list(out.iterdir())) == 1  # resumed in place, no second run folder
