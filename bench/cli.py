@@ -107,7 +107,7 @@ def _summary(records: list[dict], run) -> None:
                f"{r['top1']:.1f} [{r['top1_ci_low']:.1f}, {r['top1_ci_high']:.1f}]", f"{r['gmacs']:.4f}", f"{r['gmacs_ratio']:.2f}"]
         for bs in batch_sizes:
             hit = g[g["batch_size"] == bs]
-            row.append(f"{hit['img_per_s'].iloc[0]:.0f} ({hit['speedup'].iloc[0]:.2f}x)" if len(hit) else "-")
+            row.append(f"{hit['img_per_s'].iloc[0]:.4g} ({hit['speedup'].iloc[0]:.2f}x)" if len(hit) else "-")
         if 1 in batch_sizes:
             hit = g[g["batch_size"] == 1]
             row.append(f"{hit['latency_ms_p90'].iloc[0]:.2f}" if len(hit) else "-")
@@ -201,16 +201,15 @@ def train(
     import methods as methods_pkg
 
     from . import budgets as budgets_mod
-    from . import cache, datasets, runner
+    from . import cache, runner
     from . import config as config_mod
 
     cfg = config_mod.resolve(profile, config, retrain=True)
     reporter = _reporter(quiet)
     if cfg.dataset != "digits" or cfg.backbone != "digits_vit":
         raise UsageError("bench train works on the embedded default (dataset digits, backbone digits_vit)")
-    evalset = datasets.load(cfg)
+    vit = runner.create_backbone(cfg)
     if target == "backbone":
-        vit = runner.create_backbone(cfg, evalset)
         key = cache.config_key(runner.backbone_key(cfg))
         path = runner.train_backbone(cfg, vit, key, reporter, folder=cache.ASSETS if ship else None)
     else:
@@ -220,7 +219,7 @@ def train(
         if spec.train is None:
             raise UsageError(f"method '{target}' has no training (it is training-free)")
         cfg.retrain = False
-        vit, info = runner.prepare_backbone(cfg, evalset, reporter)
+        vit, info = runner.prepare_backbone(cfg, vit, reporter)
         cfg.retrain = True
         knobs = budgets_mod.parse(target, budget) if budget else {}
         runner.method_weights(cfg, spec, vit, knobs, info, reporter)

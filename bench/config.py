@@ -270,7 +270,8 @@ def resolve(profile_name: str, config_path: Path | None = None, **flags: Any) ->
         out=over.get("out", p.get("out", "results")),
         timing=timing,
         digits=dict(p.get("digits", {})),
-        model=dict(p.get("model", {})),
+        # [model] describes the profile's own backbone; a different --backbone starts from timm's defaults.
+        model=dict(p.get("model", {})) if over.get("backbone", p.get("backbone")) == p.get("backbone") else {},
         train=dict(p.get("train", {})),
         retrain=bool(over.get("retrain", False)),
     )

@@ -1,39 +1,88 @@
-"""Evaluation data sets behind one interface: seeded test list in, normalised batches out."""
+"""Evaluation data sets behind one interface: a seeded test list in, normalised batches out."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 
 from .config import RunConfig
 from .data import digits
 from .errors import UsageError
 
 
-@dataclass
 class EvalSet:
-    name: str
-    num_classes: int
-    in_chans: int
-    img_size: int
-    images: torch.Tensor  # (n, C, H, W), normalised, in memory
-    labels: torch.Tensor
-    info: dict = field(default_factory=dict)
+    """The test list of a run. ``batches`` streams it in order; ``timing_inputs`` returns a seeded
+    selection of real images already in memory, the same for every method (equal issue)."""
+
+    name: str = ""
+    num_classes: int = 0
+    info: dict
+
+    @property
+    def n(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TensorEvalSet(EvalSet):
+    def __init__(self, name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, info: dict):
+        self.name, self.images, self.labels, self.num_classes, self.info = name, images, labels, num_classes, info
 
     @property
     def n(self) -> int:
         return int(self.labels.shape[0])
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int):
         for i in range(0, self.n, batch_size):
             yield self.images[i : i + batch_size], self.labels[i : i + batch_size]
 
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
-        """A seeded selection of real test images, the same for every method (equal issue)."""
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(self.n, generator=gen)[: min(count, self.n)]
+        idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))[: min(count, self.n)]
         return self.images[idx].contiguous()
+
+
+class FolderEvalSet(EvalSet):
+    """Images on disk, decoded with PIL in DataLoader workers."""
+
+    def __init__(self, name: str, items: list, transform, input_size, num_classes: int, info: dict, workers: int):
+        from .data.imagenet import ImageFiles
+
+        self.name, self.num_classes, self.info, self.workers = name, num_classes, info, workers
+        self.dataset = ImageFiles(items, transform)
+        self.dataset.input_size = tuple(input_size)
+
+    @property
+    def n(self) -> int:
+        return len(self.dataset)
+
+    def _check(self, labels: torch.Tensor, index: torch.Tensor) -> None:
+        bad = (labels < 0).nonzero().flatten()
+        if len(bad):
+            path = self.dataset.items[int(index[bad[0]])][0]
+            raise UsageError(f"cannot read image {path} (corrupt or not an image); remove it from the data folder")
+
+    def batches(self, batch_size: int):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers,
+                            persistent_workers=False)
+        for x, y, idx in loader:
+            self._check(y, idx)
+            yield x, y
+
+    def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
+        idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))[: min(count, self.n)]
+        samples = [self.dataset[int(i)] for i in idx]
+        self._check(torch.tensor([s[1] for s in samples]), torch.tensor([s[2] for s in samples]))
+        return torch.stack([s[0] for s in samples])
 
 
 def digits_config(cfg: RunConfig) -> digits.DigitsConfig:
@@ -47,36 +96,62 @@ def digits_config(cfg: RunConfig) -> digits.DigitsConfig:
         raise UsageError(f"{cfg.config_path}: bad [digits] table ({e})") from None
 
 
-def _load_digits(cfg: RunConfig) -> EvalSet:
+def _digits_model_kwargs(cfg: RunConfig) -> dict:
+    return {"num_classes": 10, "in_chans": 1, "img_size": digits_config(cfg).canvas}
+
+
+def _load_digits(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+    if cfg.data is not None:
+        raise UsageError("data set 'digits' is embedded and takes no --data path; drop --data or pick another --dataset")
     dc = digits_config(cfg)
     x, y = digits.make_split(dc, "test")
     if cfg.test_samples:
         x, y = x[: cfg.test_samples], y[: cfg.test_samples]
-    return EvalSet(
-        name="digits",
-        num_classes=10,
-        in_chans=1,
-        img_size=dc.canvas,
-        images=digits.normalize(x),
-        labels=y,
-        info={"split": "test", "n": int(len(y)), "empty_patch_share": round(digits.empty_patch_fraction(x), 4), **dc.key()},
-    )
+    info = {"split": "test", "n": int(len(y)), "empty_patch_share": round(digits.empty_patch_fraction(x), 4), **dc.key()}
+    return TensorEvalSet("digits", digits.normalize(x), y, 10, info)
 
 
+def _load_imagenet(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+    from timm.data import create_transform, resolve_data_config
+
+    from .data.imagenet import LayoutError, discover
+
+    if cfg.data is None:
+        raise UsageError("data set 'imagenet' needs --data PATH (a val/<wnid>/ folder tree or a flat folder with a label file)")
+    try:
+        items, layout = discover(Path(cfg.data).expanduser())
+    except LayoutError as e:
+        raise UsageError(str(e)) from None
+    if cfg.test_samples and cfg.test_samples < len(items):
+        keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.test_samples]
+        items = [items[i] for i in sorted(keep.tolist())]
+    data_cfg = resolve_data_config({}, model=vit)
+    transform = create_transform(**data_cfg, is_training=False)
+    info = {"layout": layout, "root": str(cfg.data), "n": len(items),
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()}}
+    workers = min(4, os.cpu_count() or 1)
+    return FolderEvalSet("imagenet", items, transform, data_cfg["input_size"], 1000, info, workers)
+
+
+# id -> (description, loader(cfg, backbone) -> EvalSet, backbone kwargs(cfg))
 DATASETS = {
-    "digits": ("embedded: cluttered handwritten digits from scikit-learn on a 64x64 canvas", _load_digits),
+    "digits": ("embedded: cluttered handwritten digits from scikit-learn on a 64x64 canvas", _load_digits, _digits_model_kwargs),
+    "imagenet": ("ImageNet-1k validation images (--data: val/<wnid>/*.JPEG, or flat files + label file)", _load_imagenet, lambda cfg: {}),
 }
 
 
-def load(cfg: RunConfig) -> EvalSet:
+def check(cfg: RunConfig) -> None:
     if cfg.dataset not in DATASETS:
         raise UsageError(f"unknown data set '{cfg.dataset}'; known: {', '.join(DATASETS)} (`bench list datasets`)")
-    if cfg.data is not None:
-        from pathlib import Path
+    if cfg.data is not None and not Path(cfg.data).expanduser().exists():
+        raise UsageError(f"data path {cfg.data} does not exist; pass --data to a folder of images")
 
-        p = Path(cfg.data).expanduser()
-        if not p.exists():
-            raise UsageError(f"data path {p} does not exist; pass --data to a folder of images")
-        if cfg.dataset == "digits":
-            raise UsageError("data set 'digits' is embedded and takes no --data path; drop --data or pick another --dataset")
-    return DATASETS[cfg.dataset][1](cfg)
+
+def model_kwargs(cfg: RunConfig) -> dict:
+    check(cfg)
+    return DATASETS[cfg.dataset][2](cfg)
+
+
+def load(cfg: RunConfig, vit: nn.Module | None = None) -> EvalSet:
+    check(cfg)
+    return DATASETS[cfg.dataset][1](cfg, vit)

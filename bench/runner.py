@@ -6,7 +6,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +90,7 @@ def validate(cfg: RunConfig) -> tuple[list[str], list[torch.device]]:
     for m in method_ids:  # parse every budget now, so a typo fails before any work
         for b in budgets_mod.for_method(m, cfg.budgets):
             budgets_mod.parse(m, b)
-    if cfg.dataset not in datasets.DATASETS:
-        raise UsageError(f"unknown data set '{cfg.dataset}'; known: {', '.join(datasets.DATASETS)} (`bench list datasets`)")
+    datasets.check(cfg)
     return method_ids, devices
 
 
@@ -116,12 +114,11 @@ def backbone_key(cfg: RunConfig) -> dict:
     }
 
 
-def create_backbone(cfg: RunConfig, evalset: datasets.EvalSet) -> nn.Module:
+def create_backbone(cfg: RunConfig) -> nn.Module:
+    """The backbone's architecture, weights not loaded yet."""
     import timm
 
-    kwargs: dict[str, Any] = dict(cfg.model)
-    if cfg.dataset == "digits":
-        kwargs.update(num_classes=evalset.num_classes, in_chans=evalset.in_chans, img_size=evalset.img_size)
+    kwargs: dict[str, Any] = {**cfg.model, **datasets.model_kwargs(cfg)}
     try:
         vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     except RuntimeError as e:
@@ -137,9 +134,8 @@ def create_backbone(cfg: RunConfig, evalset: datasets.EvalSet) -> nn.Module:
     return vit
 
 
-def prepare_backbone(cfg: RunConfig, evalset: datasets.EvalSet, reporter: Reporter) -> tuple[nn.Module, dict]:
-    """The dense backbone with its weights: a given checkpoint, a cached or shipped one, or trained now."""
-    vit = create_backbone(cfg, evalset)
+def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tuple[nn.Module, dict]:
+    """Give ``vit`` its weights: a given checkpoint, a cached or shipped one, or trained now."""
     if cfg.checkpoint == "random":
         reporter.print("[yellow]checkpoint 'random': random weights, speed and compute only (accuracy is meaningless)")
         return vit.eval(), {"checkpoint": "random", "checkpoint_sha256": ""}
@@ -308,7 +304,8 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    evalset = datasets.load(cfg)
+    vit = create_backbone(cfg)
+    evalset = datasets.load(cfg, vit)
     groups = plan(cfg, method_ids, devices)
     if not resume:
         run = Run.create(root, cfg.profile, new_manifest(cfg, argv or sys.argv))
@@ -325,7 +322,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}")
 
     try:
-        vit, backbone_info = prepare_backbone(cfg, evalset, reporter)
+        vit, backbone_info = prepare_backbone(cfg, vit, reporter)
         manifest.update(backbone_info)
         manifest["backbone"] = {"name": cfg.backbone, "params_m": round(sum(p.numel() for p in vit.parameters()) / 1e6, 4),
                                 "dense_gmacs": methods.vit_shape(vit).dense_gmacs()}
