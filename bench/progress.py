@@ -9,16 +9,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class Bar:
-    def __init__(self, progress: Progress | None, task: int | None):
-        self._progress, self._task = progress, task
+    def __init__(self, progress: Progress | None, task: int | None, log: Console | None = None, label: str = ""):
+        self._progress, self._task, self._log, self._label = progress, task, log, label
 
     def advance(self, n: int = 1) -> None:
         if self._progress is not None:
             self._progress.advance(self._task, n)
 
     def note(self, text: str) -> None:
+        """A status line: shown beside the bar on a terminal, printed as a log line otherwise."""
         if self._progress is not None:
             self._progress.update(self._task, info=text)
+        if self._log is not None:
+            self._log.print(f"{self._label}: {text}", highlight=False)
 
 
 class Reporter:
@@ -47,9 +50,10 @@ class Reporter:
             console=self.console,
             transient=False,
         )
+        log = None if self.console.is_terminal else self.console  # no live bars in a log file
         with progress:
             task = progress.add_task(description, total=total, info="")
-            yield Bar(progress, task)
+            yield Bar(progress, task, log, description)
 
 
 QUIET = Reporter(quiet=True)

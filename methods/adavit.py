@@ -181,7 +181,7 @@ class AdaViT(TracedViT):
             "heads": torch.full((B, depth), H, dtype=torch.int64, device=dev),
             "sublayers": torch.ones(B, depth, 2, dtype=torch.bool, device=dev),
             "patch_keep": torch.zeros(B, depth, N, dtype=torch.bool, device=dev),
-            "waste": [0.0, 0.0],  # executed, useful block MACs of the padded compact calls
+            "padded_macs": 0,  # MSA / FFN MACs the compact calls executed, padding included
         }
         if self.training or self.bench_mode == "reference":
             policy: dict[str, list] = {"heads": [], "sublayers": [], "patches": []}
@@ -229,7 +229,10 @@ class AdaViT(TracedViT):
         policy_g = policy.sum(1) / 1e9
         gmacs = (base + blocks.sum(1)) / 1e9 + policy_g
         executed_g = (base + executed.sum(1)) / 1e9 + policy_g
-        run, useful = rec["waste"]
+        # padding waste: executed MSA / FFN MACs of the padded compact calls against the per-sample
+        # work they had to do (everything in ``executed`` except LN1, which runs unpadded)
+        run = rec["padded_macs"]
+        useful = float((executed - active * 5 * n_total * C).sum())
         waste = 0.0 if run <= 0 else max(0.0, 1.0 - useful / run)
         self.record(
             rec["tokens"],
@@ -345,21 +348,24 @@ class AdaViT(TracedViT):
             rec["patch_keep"][ia, i] = keep
             rec["tokens"][ia, i] = t
         T = int(t.max())
-        gather = None
+        flat = None
         valid = None
         if T == N:
             xs, ys = xa, y
         else:
-            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :T]  # kept first, in order
-            gather = order[:, :, None].expand(-1, -1, C)
-            xs, ys = xa.gather(1, gather), y.gather(1, gather)
+            # kept tokens first, in their order; rows of the flattened batch (index_select is much
+            # faster than gather on the CPU)
+            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :T]
+            flat = (order + torch.arange(Ba, device=x.device)[:, None] * N).reshape(-1)
+            xs = xa.reshape(Ba * N, C).index_select(0, flat).reshape(Ba, T, C)
+            ys = y.reshape(Ba * N, C).index_select(0, flat).reshape(Ba, T, C)
             if int(t.min()) < T:
                 valid = torch.arange(T, device=x.device)[None, :] < t[:, None]  # (Ba, T)
         # MSA on the rows whose attention is on
         rows = _rows(a)
         if rows is not False:
             sel = (lambda v: v) if rows is None else (lambda v: None if v is None else v.index_select(0, rows))
-            out = self._compact_attention(blk, sel(ys), sel(valid), sel(hk), sel(t), rec)
+            out = self._compact_attention(blk, sel(ys), sel(valid), sel(hk), rec)
             out = blk.ls1(out)
             if valid is not None:
                 out = out * sel(valid)[..., None].to(out.dtype)
@@ -369,14 +375,17 @@ class AdaViT(TracedViT):
         rows = _rows(m)
         if rows is not False:
             sel = (lambda v: v) if rows is None else (lambda v: None if v is None else v.index_select(0, rows))
-            out = self._compact_mlp(blk, sel(xs), sel(hk), sel(t), rec)
+            out = self._compact_mlp(blk, sel(xs), sel(hk), rec)
             out = blk.ls2(out)
             if valid is not None:
                 out = out * sel(valid)[..., None].to(out.dtype)
             out = out.to(xs.dtype)
             xs = xs + out if rows is None else xs.index_add(0, rows, out)
         # carry the dropped tokens through unchanged (padding rows got a zero update)
-        xa = xs if gather is None else xa.scatter(1, gather, xs)
+        if flat is None:
+            xa = xs
+        else:
+            xa = xa.reshape(Ba * N, C).index_copy(0, flat, xs.reshape(Ba * T, C)).reshape(Ba, N, C)
         return xa if ia is None else x.index_copy(0, ia, xa)
 
     def _head_union(self, hk: torch.Tensor | None, H: int) -> tuple[torch.Tensor | None, int, bool]:
@@ -390,7 +399,7 @@ class AdaViT(TracedViT):
             return None, H, uniform
         return union.nonzero().squeeze(1), n, uniform
 
-    def _compact_attention(self, blk, ys, valid, hk, t, rec) -> torch.Tensor:
+    def _compact_attention(self, blk, ys, valid, hk, rec) -> torch.Tensor:
         attn = blk.attn
         Bs, T, C = ys.shape
         H, d = attn.num_heads, attn.head_dim
@@ -399,9 +408,6 @@ class AdaViT(TracedViT):
         W, b = attn.qkv.weight, attn.qkv.bias
         dev = ys.device
         mask = None if valid is None else valid[:, None, None, :]
-        # useful per-sample work vs what this padded call executes (for padding_waste)
-        c_s = (hk.sum(1) if hk is not None else torch.full((Bs,), H, device=dev)).to(torch.float64) * d
-        tt = t.to(torch.float64)
         cu = nu * d
         if not identity:
             if nu == 0:  # every head dropped: q/k/v are zero, the MSA output is proj's bias
@@ -424,8 +430,7 @@ class AdaViT(TracedViT):
                 cols = (heads[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
                 Wp = Wp.index_select(1, cols)
             out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
-            rec["waste"][0] += float(Bs * (T * C * 3 * cu + 2 * T * T * cu + T * cu * C))
-            rec["waste"][1] += float((tt * C * 3 * c_s + 2 * tt * tt * c_s + tt * c_s * C).sum())
+            rec["padded_macs"] += Bs * (T * C * 3 * cu + 2 * T * T * cu + T * cu * C)
             return out
         # identity_attn: kept heads attend, dropped heads pass their V through (Eq. 8)
         if heads is not None:
@@ -451,23 +456,21 @@ class AdaViT(TracedViT):
                 v = v.index_copy(1, heads, o.to(v.dtype))
         o = v.transpose(1, 2).reshape(Bs, T, C)
         out = attn.proj_drop(attn.proj(o))
-        rec["waste"][0] += float(Bs * (T * C * (2 * cu + C) + 2 * T * T * cu + T * C * C))
-        rec["waste"][1] += float((tt * C * (2 * c_s + C) + 2 * tt * tt * c_s + tt * C * C).sum())
+        rec["padded_macs"] += Bs * (T * C * (2 * cu + C) + 2 * T * T * cu + T * C * C)
         return out
 
-    def _compact_mlp(self, blk, xs, hk, t, rec) -> torch.Tensor:
+    def _compact_mlp(self, blk, xs, hk, rec) -> torch.Tensor:
         mlp = blk.mlp
         Bs, T, C = xs.shape
         H, d = blk.attn.num_heads, blk.attn.head_dim
         R = mlp.fc1.out_features
         z = blk.norm2(xs)
-        tt = t.to(torch.float64)
         if self.bench_knobs["head_variant"] == "identity_attn" or hk is None:
             h = mlp.fc1(z)
-            cu, c_s = C, torch.full_like(tt, C)
+            cu = C
         else:
             heads, nu, uniform = self._head_union(hk, H)
-            cu, c_s = nu * d, hk.sum(1).to(torch.float64) * d
+            cu = nu * d
             W = mlp.fc1.weight
             if not uniform:
                 z = z * hk.to(z.dtype).repeat_interleave(d, dim=1)[:, None, :]
@@ -479,8 +482,7 @@ class AdaViT(TracedViT):
         h = mlp.drop1(mlp.act(h))
         h = mlp.norm(h)
         out = mlp.drop2(mlp.fc2(h))
-        rec["waste"][0] += float(Bs * (5 * T * C + T * cu * R + T * R * C))
-        rec["waste"][1] += float((5 * tt * C + tt * c_s * R + tt * R * C).sum())
+        rec["padded_macs"] += Bs * (5 * T * C + T * cu * R + T * R * C)
         return out
 
 
@@ -583,14 +585,14 @@ def usage_loss(policy: dict[str, list], targets: dict[str, float], weight: float
     loss = weight * (u["patch"] - targets["patch"]) ** 2
     if "head" in u:
         loss = loss + weight * (u["head"] - targets["head"]).abs() + weight * (u["block"] - targets["block"]).abs()
-    return loss, {k: float(v) for k, v in u.items()}
+    return loss, {k: float(v.detach()) for k, v in u.items()}
 
 
 TRAIN_SETTINGS: dict[str, Any] = {
     "epochs": 1,
     "max_steps": 0,  # 0: epochs * steps_per_epoch
     "batch_size": 128,
-    "lr": 1e-4,  # backbone
+    "lr": 5e-4,  # backbone
     "gate_lr": 2e-2,  # decision network
     "weight_decay": 0.05,
     "warmup_steps": 5,

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +235,16 @@ class Selection(NamedTuple):
     budgeted: torch.Tensor  # (B,) bool: the K - 1 point grid was used
 
 
+_STEPS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _steps(m: int, device: torch.device) -> torch.Tensor:
+    key = (m, device)
+    if key not in _STEPS:
+        _STEPS[key] = torch.arange(m, dtype=torch.float32, device=device)
+    return _STEPS[key]
+
+
 def sample_tokens(
     scores: torch.Tensor,
     valid: torch.Tensor | None,
@@ -245,66 +255,115 @@ def sample_tokens(
 ) -> Selection:
     """Inverse transform sampling on a fixed grid (METHODS.md 2.2 steps 4-8, 2.3).
 
-    scores: (B, P) normalised patch scores (P = L - 1 patch slots); valid: (B, L) or None;
-    n_in: (B,) real tokens of each sample, CLS included. Vectorised over the batch: no Python loop
-    over samples, one host sync (the compacted length).
+    scores: (B, P) normalised patch scores (P = L - 1 patch slots); valid: (B, L) real-token mask
+    or None when no slot is padding; n_in: (B,) real tokens per sample, CLS included. Vectorised
+    over the batch (no Python loop over samples); one host sync for the compacted length.
+    Degenerate rows (a lone patch token, or all scores zero) keep their lowest-ranked token.
     """
     b, p = scores.shape
     dev = scores.device
-    if valid is None:
-        sorted_s, order = torch.sort(scores, dim=1, stable=True)
-        n_pad_cdf = None
-    else:
+    if valid is not None and not official_padding:
+        # Padded slots sort first and stay out of the CDF: the sample samples as it would alone.
         patch_valid = valid[:, 1:]
-        if official_padding:  # padded slots enter the CDF with score 0 (the released quirk)
-            sorted_s, order = torch.sort(scores, dim=1, stable=True)
-        else:  # padded slots sort first and are left out of the CDF
-            key = scores.masked_fill(~patch_valid, -1.0)
-            sorted_s, order = torch.sort(key, dim=1, stable=True)
-            sorted_s = sorted_s.clamp_min(0.0)
-        real_sorted = patch_valid.gather(1, order)
-        n_pad_cdf = None if official_padding else (p - (n_in - 1)).unsqueeze(1)
-    cdf = sorted_s.cumsum(dim=1)
-    lowest = cdf[:, :1] if n_pad_cdf is None else cdf.gather(1, n_pad_cdf)
-    span = cdf[:, -1:] - lowest
-    g = (cdf - lowest) / span.clamp_min(torch.finfo(torch.float32).tiny)
-    if valid is not None:
-        # A lone patch token (or all-zero scores) has no CDF to sample: keep it (G = 1).
-        g = torch.where(span > 0, g, real_sorted.to(g.dtype))
-        if not official_padding:
-            g = g.masked_fill(~real_sorted, -2.0)  # never the nearest to a grid point in [y0, 1]
+        sorted_s, order = torch.sort(scores.masked_fill(~patch_valid, -1.0), dim=1, stable=True)
+        sorted_s = sorted_s.clamp_min(0.0)
+        cdf = sorted_s.cumsum(dim=1)
+        lowest = cdf.gather(1, (p + 1 - n_in).unsqueeze(1))  # the first real slot
     else:
-        g = torch.where(span > 0, g, torch.ones_like(g))
-    y0 = torch.where(g > 0, g, torch.full_like(g, 2.0)).amin(dim=1, keepdim=True).clamp_max(1.0)
+        # No padding, or the released quirk: padded slots enter the CDF with score 0.
+        sorted_s, order = torch.sort(scores, dim=1, stable=True)
+        cdf = sorted_s.cumsum(dim=1)
+        lowest = cdf[:, :1]
+    span = (cdf[:, -1:] - lowest).clamp_min(torch.finfo(torch.float32).tiny)
+    g = (cdf - lowest) / span  # min-max normalised CDF: the lowest-ranked token has G = 0
+    if valid is not None and not official_padding:
+        g = g.masked_fill(~patch_valid.gather(1, order), -2.0)  # farther than any real token
+    y0 = g.masked_fill(g <= 0, 2.0).amin(dim=1, keepdim=True).clamp_max_(1.0)  # smallest G > 0
 
-    # Grid size per sample: released n_ref - 1 points when K >= N, budgeted K - 1 points when K < N.
+    # Grid size: the released n_ref - 1 points when K >= N, the budgeted K - 1 points when K < N.
     budgeted = n_in > k
-    m = torch.where(budgeted, torch.full_like(n_in, k - 1), torch.full_like(n_in, n_ref - 1)).unsqueeze(1)
-    m_max = (k - 1) if bool(budgeted.all()) else (n_ref - 1)
-    steps = torch.arange(m_max, device=dev).unsqueeze(0)
-    steps = torch.minimum(steps, m - 1).to(g.dtype)  # extra columns repeat the last point: dropped as duplicates
-    denom = (m - 1).clamp_min(1).to(g.dtype)
-    grid = y0 + (steps - y0 * steps) / denom  # the released form: y0 + step * (1 - y0) / (M - 1)
-    grid = torch.where(m == 1, torch.ones_like(grid), grid)
+    if valid is None:  # every sample has the same N, so the same grid size
+        m = (k - 1) if p + 1 > k else (n_ref - 1)
+        if m == 1:
+            grid = torch.ones_like(y0)  # a one-point grid sits at 1: the top-score token
+        else:
+            steps = _steps(m, dev).unsqueeze(0)
+            grid = y0 + (steps - y0 * steps) / (m - 1)  # as released: y0 + step * (1 - y0) / (M - 1)
+    else:
+        m_b = torch.where(budgeted, k - 1, n_ref - 1).unsqueeze(1)
+        m = (k - 1) if bool(budgeted.all()) else (n_ref - 1)
+        # Columns past a sample's own grid repeat its last point and are dropped as duplicates.
+        steps = torch.minimum(_steps(m, dev).unsqueeze(0), (m_b - 1).to(torch.float32))
+        grid = y0 + (steps - y0 * steps) / (m_b - 1).clamp_min(1).to(torch.float32)
+        if k == 2:
+            grid = torch.where(m_b == 1, 1.0, grid)
 
     pick = (g.unsqueeze(1) - grid.unsqueeze(2)).abs().argmin(dim=2)  # (B, M): nearest, first on ties
-    picked = torch.zeros(b, p, dtype=torch.bool, device=dev).scatter_(1, pick, True)
-    n_picked = picked.sum(dim=1)
-    k_max = int(n_picked.max())
-    # Picked sorted positions in ascending score order, then the unpicked ones (cut off).
-    pos = torch.sort(picked.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :k_max]
-    rows = order.gather(1, pos) + 1
-    rows = torch.cat([torch.zeros(b, 1, dtype=rows.dtype, device=dev), rows], dim=1)
-    if b > 1 and bool((n_picked < k_max).any()):
-        row_valid = torch.arange(k_max + 1, device=dev).unsqueeze(0) <= n_picked.unsqueeze(1)
-    else:
+    picked = torch.zeros(b, p, dtype=torch.uint8, device=dev).scatter_(1, pick, 1)  # duplicates collapse
+    if b == 1:
+        rows = order.masked_select(picked.bool()).unsqueeze(0)  # ascending score order
+        n_kept = torch.full((1,), rows.shape[1] + 1, dtype=n_in.dtype, device=dev)
         row_valid = None
-    return Selection(rows, row_valid, n_picked + 1, budgeted)
+    else:
+        n_picked = picked.sum(dim=1)
+        k_max = int(n_picked.max())
+        pos = torch.sort(picked, dim=1, descending=True, stable=True).indices[:, :k_max]
+        rows = order.gather(1, pos)
+        n_kept = n_picked + 1
+        padded = bool((n_picked < k_max).any())
+        row_valid = torch.arange(k_max + 1, device=dev).unsqueeze(0) < n_kept.unsqueeze(1) if padded else None
+    rows = F.pad(rows + 1, (1, 0))  # CLS (index 0) first
+    return Selection(rows, row_valid, n_kept, budgeted)
 
 
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
+
+
+def _flat_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, R) row indices into (B, n, ...) -> flat indices into (B * n, ...)."""
+    if rows.shape[0] == 1:
+        return rows[0]
+    return (rows + torch.arange(rows.shape[0], device=rows.device).unsqueeze(1) * n).reshape(-1)
+
+
+def _take(t: torch.Tensor, flat: torch.Tensor, b: int) -> torch.Tensor:
+    """Rows of a (B, n, C) tensor by flat index: index_select is far cheaper than a batched gather
+    with an expanded index on the CPU (20 us vs 200 us at batch 32 on the digits ViT)."""
+    if b == 1:
+        return t.index_select(1, flat)
+    return t.reshape(-1, t.shape[-1]).index_select(0, flat).reshape(b, -1, t.shape[-1])
+
+
+def _take_index(origin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    if rows.shape[0] == 1:
+        return origin.index_select(1, rows[0])
+    return origin.gather(1, rows)
+
+
+_COEFFS: dict[Any, tuple[float, ...]] = {}
+
+
+def _gmacs(shape, t_in: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+    """Per-sample GMACs, METHODS.md test 18: embed + sum_l block(n_in_l, n_out_l) + final(n_last).
+
+    ``ViTShape.block(n_in, n_out)`` is a polynomial a*n_in + b*n_in^2 + c*n_in*n_out + d*n_out; its
+    coefficients are read off the public closed form once, so a forward pays a handful of tensor
+    ops instead of the full expression (the tests check both agree).
+    """
+    if shape not in _COEFFS:
+        f = shape.block
+        ab = f(1, 0)
+        bq = (f(2, 0) - 2 * ab) / 2
+        cq = (f(2, 1) - f(2, 0)) - (f(1, 1) - f(1, 0))
+        dq = (f(1, 1) - f(1, 0)) - cq
+        fin = shape.final(1) - shape.final(0)
+        _COEFFS[shape] = (float(ab - bq), float(bq), float(cq), float(dq), float(fin), float(shape.embed_macs + shape.final(0)))
+    a, bq, cq, dq, fin, const = _COEFFS[shape]
+    n_in, n_out = t_in.double(), t_out.double()
+    macs = (n_in * (a + bq * n_in + cq * n_out) + dq * n_out).sum(dim=1) + fin * n_out[:, -1] + const
+    return macs / 1e9
 
 
 def _check_backbone(vit) -> None:
@@ -344,11 +403,13 @@ class ATSViT(TracedViT):
         n_real = torch.full((b,), n0, dtype=torch.int64, device=x.device)
         valid: torch.Tensor | None = None  # (B, L) real-token mask; None when nothing is padded
         policy: torch.Tensor | None = None  # reference mode: the official float policy once a stage ran
-        tokens_in, tokens_out, lengths = [], [], []
+        origin: torch.Tensor | None = None  # (B, L) original token index of each slot
+        tokens_in, tokens_out, kept_index = [], [], []
+        slots, padded = 0, False
         budgeted = torch.zeros(b, dtype=torch.bool, device=x.device)
         for i, blk in enumerate(self.blocks):
             tokens_in.append(n_real)
-            lengths.append(x.shape[1])
+            slots += x.shape[1]
             if i in stage_k:
                 if reference:
                     x, sel = self._ats_block_reference(blk, x, policy, n_real, stage_k[i])
@@ -358,7 +419,10 @@ class ATSViT(TracedViT):
                 else:
                     x, sel = self._ats_block_compact(blk, x, valid, n_real, stage_k[i])
                 valid, n_real = sel.row_valid, sel.n_kept
+                padded = padded or valid is not None
                 budgeted = budgeted | sel.budgeted
+                origin = sel.rows if origin is None else _take_index(origin, sel.rows)
+                kept_index.append(origin if valid is None else origin.masked_fill(~valid, -1))
             elif reference and policy is not None:
                 x = self._block_reference(blk, x, policy, n_real)
             elif valid is not None:
@@ -372,16 +436,13 @@ class ATSViT(TracedViT):
 
         t_in = torch.stack(tokens_in, dim=1)
         t_out = torch.stack(tokens_out, dim=1)
-        shape = self.bench_shape
-        f_in, f_out = t_in.double(), t_out.double()
-        gmacs = (shape.embed_macs + shape.block(f_in, f_out).sum(dim=1) + shape.final(f_out[:, -1])) / 1e9
-        slots = b * sum(lengths)
         self.record(
             t_in,
-            gmacs=gmacs,
+            gmacs=_gmacs(self.bench_shape, t_in, t_out),
             tokens_kept=t_out,
+            kept_index=tuple(kept_index),
             budgeted_form=budgeted,
-            padding_waste=float(1.0 - float(t_in.sum()) / slots),
+            padding_waste=float(1.0 - float(t_in.sum()) / (b * slots)) if padded else 0.0,
         )
         return logits
 
@@ -392,11 +453,14 @@ class ATSViT(TracedViT):
         attn = blk.attn
         b, n, _ = x.shape
         h, d = attn.num_heads, attn.head_dim
+        a_dim = h * d
         y = blk.norm1(x)
-        q, kk, v = attn.qkv(y).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q, kk = attn.q_norm(q), attn.k_norm(kk)
+        qkv = attn.qkv(y)  # (B, L, 3A)
+        _, kk, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        kk = attn.k_norm(kk)
         # Only the CLS row of the attention matrix, explicitly (SDPA returns no probabilities).
-        cls_logits = (q[:, :, :1] * attn.scale) @ kk.transpose(-2, -1)  # (B, H, 1, L)
+        q_cls = attn.q_norm(qkv[:, :1, :a_dim].reshape(b, 1, h, d).transpose(1, 2))
+        cls_logits = (q_cls * attn.scale) @ kk.transpose(-2, -1)  # (B, H, 1, L)
         if valid is None:
             cls_attn = policy_softmax(cls_logits, None, n, True)
         else:
@@ -410,20 +474,22 @@ class ATSViT(TracedViT):
         sel = sample_tokens(scores, valid, n_real, k, cfg.n_ref, cfg.official_padding)
 
         rows = sel.rows
-        q_kept = q.gather(2, rows[:, None, :, None].expand(-1, h, -1, d))
+        r = rows.shape[1]
+        flat = _flat_rows(rows, n)
+        # Queries of the kept rows only: q.k^T rows of dropped tokens are never computed.
+        q_kept = _take(qkv, flat, b)[..., :a_dim].reshape(b, r, h, d).transpose(1, 2)
+        q_kept = attn.q_norm(q_kept)
         mask = None
         if valid is not None:
-            mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+            mask = torch.zeros(valid.shape, dtype=q_kept.dtype, device=x.device).masked_fill_(~valid, float("-inf"))
             mask = mask[:, None, None, :]
         o = F.scaled_dot_product_attention(
             q_kept, kk, v, attn_mask=mask, dropout_p=attn.attn_drop.p if self.training else 0.0
         )
-        o = o.transpose(1, 2).reshape(b, rows.shape[1], h * d)
-        y_kept = None
-        if getattr(attn, "gate", None) is not None:
-            y_kept = y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1]))
+        o = o.transpose(1, 2).reshape(b, r, a_dim)
+        y_kept = _take(y, flat, b) if getattr(attn, "gate", None) is not None else None
         o = self._attn_out(attn, o, y_kept)
-        x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1])) + blk.drop_path1(blk.ls1(o))
+        x = _take(x, flat, b) + blk.drop_path1(blk.ls1(o))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, sel
 
@@ -475,13 +541,13 @@ class ATSViT(TracedViT):
         o = (a_kept.to(v.dtype) @ v).transpose(1, 2).reshape(b, rows.shape[1], h * d)
         y_kept = None
         if getattr(attn, "gate", None) is not None:
-            y_kept = y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1]))
+            y_kept = _take(y, _flat_rows(rows, y.shape[1]), b)
         o = self._attn_out(attn, o, y_kept)
         new_p = torch.ones(rows.shape, dtype=x.dtype, device=x.device)
         if sel.row_valid is not None:
             new_p = new_p * sel.row_valid
         new_p = new_p[..., None]
-        x_kept = x.gather(1, rows[..., None].expand(-1, -1, c)) * new_p  # sentinel rows are zero
+        x_kept = _take(x, _flat_rows(rows, x.shape[1]), b) * new_p  # sentinel rows are zero
         x = (x_kept + blk.drop_path1(blk.ls1(o))) * new_p
         x = (x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))) * new_p
         return x, sel

@@ -242,9 +242,11 @@ def _block_packed(blk: nn.Module, x: torch.Tensor, lay: _Layout) -> torch.Tensor
 
 def _block_masked(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """The official masked block (METHODS.md 1.2 step 2) on (B*N, C) rows; ``keep`` (B*N, 1) is 1
-    for active tokens, ``lay.mask`` the -1000 bias on halted keys."""
-    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x * keep) * keep, lay)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x * keep) * keep)))
+    for active tokens, ``lay.mask`` the -1000 bias on halted keys. The official code also zeroes
+    the LayerNorm *inputs* of halted rows; zeroing a row-wise norm's outputs makes that redundant
+    (issue #13), so only the outputs are multiplied: same values, half the passes."""
+    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x) * keep, lay)))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x) * keep)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,9 +256,11 @@ def _block_masked(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: _Lay
 class AViT(TracedViT):
     """A timm VisionTransformer with A-ViT halting; ``bench_mode`` is ``compact`` or ``reference``.
 
-    After a forward in training mode (reference execution), ``self._avit_aux`` holds what the
-    losses need: ``ponder`` (B, N) rho = N + R with gradient through R, ``scores`` (L, B, N) raw
-    halting scores and ``active`` (L, B, N) bool.
+    After a forward in training mode, ``self._avit_aux`` holds what the losses need, with
+    gradients: ``ponder_mean`` (mean over batch and tokens of rho = N + R, gradient through R) and
+    ``halting_mass`` (L,), the per-layer mean halting score q of METHODS.md 1.3 (official or
+    corrected per ``official_prior_quirk``; the official one needs the reference execution).
+    Reference mode also keeps ``ponder`` (B, N), ``scores`` (L, B, N) and ``active`` (L, B, N).
     """
 
     bench_method = "avit"
@@ -311,7 +315,8 @@ class AViT(TracedViT):
             x = _block_masked(blk, x, keep, _Layout(B, N, None, bias))
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if l == depth - 1 else h_raw
-            x = x * keep  # step 4
+            # Step 4 (block output times the active mask) is left out: halting_update gives halted
+            # rows weight 0, and the next block's step 1 zeroes them (the active set only shrinks).
             if want_aux:
                 scores.append(h_raw.view(B, N))
                 actives.append(active.view(B, N))
@@ -325,7 +330,15 @@ class AViT(TracedViT):
         depths = counter.view(B, N)
         rho = rho.view(B, N)
         if want_aux:
-            self.__dict__["_avit_aux"] = {"ponder": rho, "scores": torch.stack(scores), "active": torch.stack(actives)}
+            scores_t, active_t = torch.stack(scores), torch.stack(actives)
+            quirk = bool(self.bench_knobs["official_prior_quirk"])
+            self.__dict__["_avit_aux"] = {
+                "ponder": rho,
+                "ponder_mean": ponder_loss(rho),
+                "halting_mass": halting_distribution(scores_t, active_t, self.num_prefix_tokens, quirk),
+                "scores": scores_t,
+                "active": active_t,
+            }
         tokens = self._tokens_from_depths(depths, depth)
         masked = 1.0 - float(tokens.sum()) / float(B * N * depth)
         self._record(tokens, depths, rho.detach(), padding_waste=masked)
@@ -353,14 +366,24 @@ class AViT(TracedViT):
         rem_final = torch.zeros(B, N, dtype=f32, device=dev)
         lay = _Layout(B, N, None, None)
         slots = padded = 0
+        want_aux = self.training
+        if want_aux and self.bench_knobs["official_prior_quirk"]:
+            raise RuntimeError("official_prior_quirk reads halted tokens' masked outputs: train in 'reference' mode")
+        ponder_sum = torch.zeros((), dtype=f32, device=dev)
+        mass = []
         for l, blk in enumerate(self.blocks):
             x = _block_packed(blk, x, lay)
             rows = x.shape[0]
             slots += lay.slots
             padded += lay.slots - rows
             last = l == depth - 1
-            h = torch.ones(rows, dtype=f32, device=dev) if last else halting_scores(x, gamma, beta)
+            h_raw = halting_scores(x, gamma, beta)
+            h = torch.ones_like(h_raw) if last else h_raw
             cum, rem, out, reached, go_on = halting_update(cum, rem, out, h, x, None, eps)
+            if want_aux:  # corrected per-layer mass: patch tokens only, halted ones count 0
+                patch = (token >= self.num_prefix_tokens).to(f32)
+                mass.append((h_raw * patch).sum() / (B * (N - self.num_prefix_tokens)))
+                ponder_sum = ponder_sum + rows + torch.where(reached, rem, torch.zeros((), dtype=f32, device=dev)).sum()
             stop = torch.ones_like(go_on) if last else ~go_on
             done = stop.nonzero().squeeze(1)
             if done.numel() == 0:
@@ -377,11 +400,14 @@ class AViT(TracedViT):
                 break
             kept = go_on.nonzero().squeeze(1)
             if kept.numel() == 0:  # every token of every sample halted: later blocks get nothing
+                mass.extend(torch.zeros((), dtype=f32, device=dev) for _ in range(depth - 1 - l))
                 break
             x, cum, rem, out = x.index_select(0, kept), cum.index_select(0, kept), rem.index_select(0, kept), out.index_select(0, kept)
             token, sample = token.index_select(0, kept), sample.index_select(0, kept)
             lay = _packed_layout(sample, B)
         logits = self._head(final, dtype)
+        if want_aux:
+            self.__dict__["_avit_aux"] = {"ponder_mean": ponder_sum / (B * N), "halting_mass": torch.stack(mass)}
         tokens = self._tokens_from_depths(depths, depth)
         rho = depths.to(f32) + rem_final
         self._record(tokens, depths, rho, padding_waste=padded / slots if slots else 0.0)
@@ -462,9 +488,8 @@ def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
                 logits = model(images)
                 aux = model._avit_aux
                 task = F.cross_entropy(logits, labels, label_smoothing=float(s["label_smoothing"]))
-                ponder = ponder_loss(aux["ponder"])
-                q = halting_distribution(aux["scores"], aux["active"], model.num_prefix_tokens, bool(knobs["official_prior_quirk"]))
-                prior = prior_loss(q, target)
+                ponder = aux["ponder_mean"]
+                prior = prior_loss(aux["halting_mass"], target)
                 loss = task + float(s["ponder_weight"]) * ponder + float(s["prior_weight"]) * prior
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
