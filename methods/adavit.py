@@ -270,7 +270,6 @@ class AdaViT(TracedViT):
         pm = self._gate(gates.patch(y[:, P:]).squeeze(-1), "patch")  # (B, N - P)
         pm = torch.cat([pm.new_ones(B, P), pm], dim=1)  # (B, N)
         policy["patches"].append(pm)
-        dt = y.dtype
         keep = pm.detach() > 0.5
         # --- MSA: pairs with a dropped end are masked except the diagonal (detached policy)
         allowed = (keep[:, :, None] & keep[:, None, :]) | torch.eye(N, dtype=torch.bool, device=x.device)
@@ -347,54 +346,78 @@ class AdaViT(TracedViT):
         else:
             rec["patch_keep"][ia, i] = keep
             rec["tokens"][ia, i] = t
-        T = int(t.max())
+        T, t_min = int(t.max()), int(t.min())
         flat = None
         valid = None
-        if T == N:
+        if t_min == N:
             xs, ys = xa, y
         else:
-            # kept tokens first, in their order; rows of the flattened batch (index_select is much
-            # faster than gather on the CPU)
-            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :T]
-            flat = (order + torch.arange(Ba, device=x.device)[:, None] * N).reshape(-1)
+            # kept tokens first, in their order, as rows of the flattened batch (index_select is
+            # much faster than gather on the CPU); rows with fewer kept tokens are padded with
+            # dropped ones, which the attention masks as keys and the FFN never sees
+            if t_min == T:  # batch 1, or equal counts: no padding
+                flat = keep.reshape(-1).nonzero().squeeze(1)
+            else:
+                order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :T]
+                flat = (order + torch.arange(Ba, device=x.device)[:, None] * N).reshape(-1)
+                valid = torch.arange(T, device=x.device)[None, :] < t[:, None]  # (Ba, T)
             xs = xa.reshape(Ba * N, C).index_select(0, flat).reshape(Ba, T, C)
             ys = y.reshape(Ba * N, C).index_select(0, flat).reshape(Ba, T, C)
-            if int(t.min()) < T:
-                valid = torch.arange(T, device=x.device)[None, :] < t[:, None]  # (Ba, T)
-        # MSA on the rows whose attention is on
+        # MSA on the rows whose attention is on, padded to T tokens with a key-padding mask
         rows = _rows(a)
         if rows is not False:
             sel = (lambda v: v) if rows is None else (lambda v: None if v is None else v.index_select(0, rows))
-            out = self._compact_attention(blk, sel(ys), sel(valid), sel(hk), rec)
-            out = blk.ls1(out)
-            if valid is not None:
-                out = out * sel(valid)[..., None].to(out.dtype)
-            out = out.to(xs.dtype)
+            out = blk.ls1(self._compact_attention(blk, sel(ys), sel(valid), sel(hk), rec)).to(xs.dtype)
             xs = xs + out if rows is None else xs.index_add(0, rows, out)
-        # FFN on the rows whose FFN is on
+        # FFN on the kept tokens packed without padding (token-wise layers need no batch layout)
+        if valid is None:
+            xp, fp = xs.reshape(Ba * T, C), flat
+        else:
+            packed = valid.reshape(-1).nonzero().squeeze(1)
+            xp, fp = xs.reshape(Ba * T, C).index_select(0, packed), flat.index_select(0, packed)
         rows = _rows(m)
         if rows is not False:
-            sel = (lambda v: v) if rows is None else (lambda v: None if v is None else v.index_select(0, rows))
-            out = self._compact_mlp(blk, sel(xs), sel(hk), rec)
-            out = blk.ls2(out)
-            if valid is not None:
-                out = out * sel(valid)[..., None].to(out.dtype)
-            out = out.to(xs.dtype)
-            xs = xs + out if rows is None else xs.index_add(0, rows, out)
-        # carry the dropped tokens through unchanged (padding rows got a zero update)
-        if flat is None:
-            xa = xs
+            hk_m = hk if (hk is None or rows is None) else hk.index_select(0, rows)
+            heads, nu, uniform = self._head_union(hk_m, blk.attn.num_heads)
+            prow = None if rows is None else m.repeat_interleave(t).nonzero().squeeze(1)  # packed rows with FFN on
+            hk_rows = None
+            if not uniform and self.bench_knobs["head_variant"] != "identity_attn":
+                hk_rows = hk.repeat_interleave(t, dim=0)
+                hk_rows = hk_rows if prow is None else hk_rows.index_select(0, prow)
+            xin = xp if prow is None else xp.index_select(0, prow)
+            out = blk.ls2(self._compact_mlp(blk, xin, heads, nu, hk_rows, rec)).to(xp.dtype)
+            xp = xp + out if prow is None else xp.index_add(0, prow, out)
+        # carry the dropped tokens through unchanged
+        if fp is None:
+            xa = xp.reshape(Ba, N, C)
         else:
-            xa = xa.reshape(Ba * N, C).index_copy(0, flat, xs.reshape(Ba * T, C)).reshape(Ba, N, C)
+            xa = xa.reshape(Ba * N, C).index_copy(0, fp, xp).reshape(Ba, N, C)
         return xa if ia is None else x.index_copy(0, ia, xa)
+
+    def _head_index(self, heads: torch.Tensor, kind: str) -> torch.Tensor:
+        """Row (``qkv``: q, k, v of each head; ``qk``: q, k only) or channel (``cols``) indices of
+        the given heads, from per-head tables built once per device."""
+        attn = self.blocks[0].attn
+        H, d, C = attn.num_heads, attn.head_dim, self.embed_dim
+        cache = self.__dict__.setdefault("_adavit_index", {})
+        key = (kind, heads.device)
+        if key not in cache:
+            ar = torch.arange(d, device=heads.device)
+            per_head = torch.arange(H, device=heads.device)[:, None] * d + ar  # (H, d)
+            parts = {"qkv": 3, "qk": 2, "cols": 1}[kind]
+            cache[key] = torch.stack([per_head + p * C for p in range(parts)], dim=0)  # (parts, H, d)
+        return cache[key].index_select(1, heads).reshape(-1)
 
     def _head_union(self, hk: torch.Tensor | None, H: int) -> tuple[torch.Tensor | None, int, bool]:
         """Heads kept by any row (None: all), how many, and whether every row keeps exactly those."""
         if hk is None:
             return None, H, True
-        union = hk.any(0)
+        if hk.shape[0] == 1:
+            union, uniform = hk[0], True
+        else:
+            union = hk.any(0)
+            uniform = bool((hk == union).all())
         n = int(union.sum())
-        uniform = bool((hk == union).all())
         if n == H:
             return None, H, uniform
         return union.nonzero().squeeze(1), n, uniform
@@ -414,7 +437,7 @@ class AdaViT(TracedViT):
                 out = ys.new_zeros(Bs, T, C)
                 return out + attn.proj.bias.to(out.dtype) if attn.proj.bias is not None else out
             if heads is not None:
-                idx = (torch.arange(3, device=dev)[:, None, None] * C + heads[None, :, None] * d + torch.arange(d, device=dev)).reshape(-1)
+                idx = self._head_index(heads, "qkv")
                 W = W.index_select(0, idx)
                 b = None if b is None else b.index_select(0, idx)
             qkv = F.linear(ys, W, b).reshape(Bs, T, 3, nu, d).permute(2, 0, 3, 1, 4)
@@ -427,16 +450,13 @@ class AdaViT(TracedViT):
             o = o.transpose(1, 2).reshape(Bs, T, cu)
             Wp = attn.proj.weight
             if heads is not None:
-                cols = (heads[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
-                Wp = Wp.index_select(1, cols)
+                Wp = Wp.index_select(1, self._head_index(heads, "cols"))
             out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
             rec["padded_macs"] += Bs * (T * C * 3 * cu + 2 * T * T * cu + T * cu * C)
             return out
         # identity_attn: kept heads attend, dropped heads pass their V through (Eq. 8)
         if heads is not None:
-            ar = torch.arange(d, device=dev)
-            qk_rows = (torch.arange(2, device=dev)[:, None, None] * C + heads[None, :, None] * d + ar).reshape(-1)
-            idx = torch.cat([qk_rows, torch.arange(2 * C, 3 * C, device=dev)])
+            idx = torch.cat([self._head_index(heads, "qk"), torch.arange(2 * C, 3 * C, device=dev)])
             W = W.index_select(0, idx)
             b = None if b is None else b.index_select(0, idx)
         qkv = F.linear(ys, W, b)
@@ -459,30 +479,31 @@ class AdaViT(TracedViT):
         rec["padded_macs"] += Bs * (T * C * (2 * cu + C) + 2 * T * T * cu + T * C * C)
         return out
 
-    def _compact_mlp(self, blk, xs, hk, rec) -> torch.Tensor:
+    def _compact_mlp(self, blk, xp, heads, nu, hk_rows, rec) -> torch.Tensor:
+        """FFN on packed token rows ``xp`` (S, C). zero_channels: fc1 reads only the channels of
+        ``heads`` (the union the rows keep; None: all), and ``hk_rows`` (S, H) zeroes per row the
+        heads a row's sample dropped when the rows disagree."""
         mlp = blk.mlp
-        Bs, T, C = xs.shape
-        H, d = blk.attn.num_heads, blk.attn.head_dim
+        S, C = xp.shape
+        d = blk.attn.head_dim
         R = mlp.fc1.out_features
-        z = blk.norm2(xs)
-        if self.bench_knobs["head_variant"] == "identity_attn" or hk is None:
-            h = mlp.fc1(z)
-            cu = C
+        z = blk.norm2(xp)
+        if self.bench_knobs["head_variant"] == "identity_attn":
+            h, cu = mlp.fc1(z), C
         else:
-            heads, nu, uniform = self._head_union(hk, H)
             cu = nu * d
             W = mlp.fc1.weight
-            if not uniform:
-                z = z * hk.to(z.dtype).repeat_interleave(d, dim=1)[:, None, :]
+            if hk_rows is not None:
+                z = z * hk_rows.to(z.dtype).repeat_interleave(d, dim=1)
             if heads is not None:
-                cols = (heads[:, None] * d + torch.arange(d, device=xs.device)).reshape(-1)
-                z = z.index_select(2, cols)
+                cols = self._head_index(heads, "cols")
+                z = z.index_select(1, cols)
                 W = W.index_select(1, cols)
             h = F.linear(z, W, mlp.fc1.bias)
         h = mlp.drop1(mlp.act(h))
         h = mlp.norm(h)
         out = mlp.drop2(mlp.fc2(h))
-        rec["padded_macs"] += Bs * (5 * T * C + T * cu * R + T * R * C)
+        rec["padded_macs"] += S * (5 * C + cu * R + R * C)
         return out
 
 

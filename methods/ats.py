@@ -48,7 +48,8 @@ Compute (METHODS.md test 18): per sample, an ATS block with N_in tokens keeping 
 LN1 on N_in, q.k^T on N_in^2, attn.v on (K'+1)*N_in, proj/LN2/MLP on K'+1 (``ViTShape.block``).
 ``trace.gmacs`` follows that count in both modes (``compact`` actually skips the q.k^T rows of
 dropped queries, a saving the count does not claim). Padding is never counted as compute; its share
-of token slots is ``trace.padding_waste``. The scoring and sampling themselves (a few element-wise
+of token slots is ``trace.padding_waste``; which tokens each stage kept is ``trace.kept_index``
+(original token indices, for plots and checks). The scoring and sampling themselves (a few element-wise
 ops, a sort over N) are not multiply-accumulates and are not counted, as in fvcore.
 """
 from __future__ import annotations
@@ -208,10 +209,10 @@ def policy_softmax(
         e = (logits - logits.amax(-1, keepdim=True)).exp()
     else:
         if max_over_all:
-            row_max = logits.amax(-1, keepdim=True)
-        else:
-            row_max = logits.masked_fill(key_policy == 0, float("-inf")).amax(-1, keepdim=True)
-        e = (logits - row_max).exp() * key_policy
+            e = (logits - logits.amax(-1, keepdim=True)).exp() * key_policy
+        else:  # masked before exp: a padded slot's logit can be anything (inf * 0 would be nan)
+            logits = logits.masked_fill(key_policy == 0, float("-inf"))
+            e = (logits - logits.amax(-1, keepdim=True)).exp()
     return (e + EPS / n_eps) / (e.sum(-1, keepdim=True) + EPS)
 
 
@@ -400,6 +401,7 @@ class ATSViT(TracedViT):
         stage_k = dict(zip(cfg.blocks, cfg.tokens))
         x = self.embed_tokens(x)
         b, n0, _ = x.shape
+        self.__dict__["_n_ref"] = n0  # the released grid has (initial tokens - 1) points
         n_real = torch.full((b,), n0, dtype=torch.int64, device=x.device)
         valid: torch.Tensor | None = None  # (B, L) real-token mask; None when nothing is padded
         policy: torch.Tensor | None = None  # reference mode: the official float policy once a stage ran
@@ -471,7 +473,7 @@ class ATSViT(TracedViT):
             else:
                 cls_attn = policy_softmax(cls_logits, key_policy, n_real[:, None, None, None], False)
         scores = token_scores(cls_attn[:, :, 0], v, valid)
-        sel = sample_tokens(scores, valid, n_real, k, cfg.n_ref, cfg.official_padding)
+        sel = sample_tokens(scores, valid, n_real, k, self._n_ref, cfg.official_padding)
 
         rows = sel.rows
         r = rows.shape[1]
@@ -535,7 +537,7 @@ class ATSViT(TracedViT):
         if valid is not None and bool(valid.all()):
             valid = None
         scores = token_scores(a[:, :, 0], v, valid)
-        sel = sample_tokens(scores, valid, n_real, k, cfg.n_ref, cfg.official_padding)
+        sel = sample_tokens(scores, valid, n_real, k, self._n_ref, cfg.official_padding)
         rows = sel.rows
         a_kept = attn.attn_drop(a.gather(2, rows[:, None, :, None].expand(-1, h, -1, a.shape[-1])))
         o = (a_kept.to(v.dtype) @ v).transpose(1, 2).reshape(b, rows.shape[1], h * d)
@@ -583,6 +585,7 @@ def _build(
         {"keep": keep, "tokens": tokens, "blocks": blocks, "single_stage": single_stage, "official_padding": official_padding},
     )
     model.ats_config = cfg
+    model.__dict__["_n_ref"] = n_ref  # set again by each forward from the tokens it embeds
     return model
 
 
@@ -631,6 +634,8 @@ SPEC = register(
         default_budgets=("1.0", "0.7", "0.5", "0.35", "0.25"),
         extras={
             "tokens_kept": "(B, depth) tokens leaving each block, CLS included (an ATS block's kept count)",
+            "kept_index": "one (B, R) tensor per ATS stage: original token index of each kept token (0 = CLS), "
+            "CLS first then ascending score; -1 on padding",
             "budgeted_form": "(B,) bool: some ATS stage ran the paper's K-1 point grid (K < tokens), not the released code",
             "padding_waste": "share of token slots in the batch that were padding (0 at batch 1)",
         },

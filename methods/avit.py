@@ -98,10 +98,9 @@ def halting_update(
     if active is not None:
         reached = reached & active
     go_on = cum < threshold
-    zero = torch.zeros((), dtype=h.dtype, device=h.device)
-    weight = torch.where(reached, rem, torch.where(go_on, h, zero))
-    out = out + weight.unsqueeze(-1) * x.to(out.dtype)
-    rem = torch.where(go_on, rem - h, rem)
+    weight = torch.where(go_on, h, rem * reached)
+    out = out + weight.unsqueeze(-1) * (x if x.dtype == out.dtype else x.to(out.dtype))
+    rem = rem - h * go_on
     return cum, rem, out, reached, go_on
 
 
@@ -322,7 +321,7 @@ class AViT(TracedViT):
                 actives.append(active.view(B, N))
             rho = rho + active.to(f32)
             cum, rem, out, reached, go_on = halting_update(cum, rem, out, h, x, active, eps)
-            rho = rho + torch.where(reached, rem, torch.zeros((), dtype=f32, device=dev))
+            rho = rho + rem * reached
             counter = counter + go_on.to(torch.int64)
             active = go_on
         out = out.view(B, N, C)
@@ -353,17 +352,17 @@ class AViT(TracedViT):
         depth = len(self.blocks)
         dev = x.device
         f32 = torch.float32
-        cls_only = self._cls_only()
-        keep_final = 1 if cls_only else N
+        prefix = self.num_prefix_tokens
         x = x.reshape(B * N, C)
-        token = torch.arange(N, device=dev).repeat(B)  # original token index of each packed row
-        sample = torch.arange(B, device=dev).repeat_interleave(N)  # sample of each packed row
+        # Per packed row: its flat position sample * N + token in the original (B, N) layout.
+        # Rows stay sorted by it, so each sample's active tokens are contiguous, CLS first.
+        flat = torch.arange(B * N, device=dev)
         cum = torch.zeros(B * N, dtype=f32, device=dev)
         rem = torch.ones(B * N, dtype=f32, device=dev)
         out = torch.zeros(B * N, C, dtype=f32, device=dev)
-        final = torch.zeros(B, keep_final, C, dtype=f32, device=dev)
-        depths = torch.full((B, N), depth, dtype=torch.int64, device=dev)
-        rem_final = torch.zeros(B, N, dtype=f32, device=dev)
+        final = torch.zeros(B * N, C, dtype=f32, device=dev)  # output o of every token once it halts
+        depths = torch.full((B * N,), depth, dtype=torch.int64, device=dev)
+        rem_final = torch.zeros(B * N, dtype=f32, device=dev)
         lay = _Layout(B, N, None, None)
         slots = padded = 0
         want_aux = self.training
@@ -381,35 +380,37 @@ class AViT(TracedViT):
             h = torch.ones_like(h_raw) if last else h_raw
             cum, rem, out, reached, go_on = halting_update(cum, rem, out, h, x, None, eps)
             if want_aux:  # corrected per-layer mass: patch tokens only, halted ones count 0
-                patch = (token >= self.num_prefix_tokens).to(f32)
-                mass.append((h_raw * patch).sum() / (B * (N - self.num_prefix_tokens)))
-                ponder_sum = ponder_sum + rows + torch.where(reached, rem, torch.zeros((), dtype=f32, device=dev)).sum()
-            stop = torch.ones_like(go_on) if last else ~go_on
-            done = stop.nonzero().squeeze(1)
-            if done.numel() == 0:
-                continue
-            d_sample, d_token = sample[done], token[done]
-            depths.index_put_((d_sample, d_token), torch.full_like(d_token, l + 1))
-            rem_final.index_put_((d_sample, d_token), torch.where(reached[done], rem[done], 0.0))
-            if cls_only:
-                is_cls = (d_token == 0).nonzero().squeeze(1)
-                final[d_sample[is_cls], 0] = out[done[is_cls]].to(final.dtype)
+                patch = (flat % N >= prefix).to(f32)
+                mass.append((h_raw * patch).sum() / (B * (N - prefix)))
+                ponder_sum = ponder_sum + rows + (rem * reached).sum()
+            if last:
+                done = None
             else:
-                final.index_put_((d_sample, d_token), out[done].to(final.dtype))
+                done = (~go_on).nonzero().squeeze(1)
+                if done.numel() == 0:
+                    continue
+            # Tokens that halted (or, at the last block, all that are left) leave the packed rows.
+            gone = flat if done is None else flat.index_select(0, done)
+            depths.index_fill_(0, gone, l + 1)
+            rem_done = rem * reached
+            final.index_copy_(0, gone, out if done is None else out.index_select(0, done))
+            rem_final.index_copy_(0, gone, rem_done if done is None else rem_done.index_select(0, done))
             if last:
                 break
             kept = go_on.nonzero().squeeze(1)
             if kept.numel() == 0:  # every token of every sample halted: later blocks get nothing
                 mass.extend(torch.zeros((), dtype=f32, device=dev) for _ in range(depth - 1 - l))
                 break
-            x, cum, rem, out = x.index_select(0, kept), cum.index_select(0, kept), rem.index_select(0, kept), out.index_select(0, kept)
-            token, sample = token.index_select(0, kept), sample.index_select(0, kept)
-            lay = _packed_layout(sample, B)
-        logits = self._head(final, dtype)
+            x, out, flat = x.index_select(0, kept), out.index_select(0, kept), flat.index_select(0, kept)
+            cum, rem = cum.index_select(0, kept), rem.index_select(0, kept)
+            lay = _Layout(1, rows - done.numel(), None, None) if B == 1 else _packed_layout(flat // N, B)
+        final = final.view(B, N, C)
+        logits = self._head(final[:, :1] if self._cls_only() else final, dtype)
         if want_aux:
             self.__dict__["_avit_aux"] = {"ponder_mean": ponder_sum / (B * N), "halting_mass": torch.stack(mass)}
+        depths = depths.view(B, N)
         tokens = self._tokens_from_depths(depths, depth)
-        rho = depths.to(f32) + rem_final
+        rho = depths.to(f32) + rem_final.view(B, N)
         self._record(tokens, depths, rho, padding_waste=padded / slots if slots else 0.0)
         return logits
 

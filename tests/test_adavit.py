@@ -408,3 +408,28 @@ def test_training_moves_usage_toward_targets():
     assert out["val_tokens_per_block"][0] < 0.85 * 17
     assert out["val_gmacs_ratio"] < 0.8
     assert not model.training
+
+
+@pytest.mark.parametrize("variant", adavit.HEAD_VARIANTS)
+def test_compact_block_with_full_and_partial_rows(vit, variant):
+    """One sample keeps every token while the others drop some (padding up to N), heads and
+    sub-layers differ per sample: compact's block output equals the masked block's."""
+    model = methods.build("adavit", vit, mode="reference", head_variant=variant).eval()
+    _randomise_gates(model, seed=3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, N, 96, generator=g)
+    x[0, :, 0] = 20.0  # LN1 channel 0 large and positive: every token of sample 0 is kept
+    with torch.no_grad():
+        gates = model.adavit_gates[2]
+        gates.patch.weight.zero_()
+        gates.patch.weight[0, 0] = 50.0
+        gates.patch.bias.zero_()
+        gates.head.weight.normal_(0, 0.5, generator=g)
+        gates.block.weight.normal_(0, 2.0, generator=g)
+        masked, rec_m = _block_io(model, 2, x)
+        rec_c = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in rec_m.items()}
+        compact = model._compact_block(2, model.blocks[2], gates, x, rec_c)
+    t = rec_m["tokens"][:, 2]
+    assert int(t[0]) == N and int(t[1:].max()) < N
+    assert torch.equal(rec_m["tokens"], rec_c["tokens"]) and torch.equal(rec_m["heads"][:, 2], rec_c["heads"][:, 2])
+    assert (masked - compact).abs().max() < 1e-5

@@ -522,8 +522,9 @@ def test_twelve_block_vit_default_stages_and_design_example():
 
 @pytest.mark.skip(
     reason="METHODS.md test 17 needs the DeiT-S ImageNet weights and the 50k validation images, "
-    "neither available offline; run `bench run --backbone deit_small_patch16_224 --methods ats` "
-    "with them (expected top-1 about 79.1-79.2 % off the shelf, blocks 3-11, K = 197)"
+    "neither available offline; with them run `bench run --methods deit,ats --dataset imagenet --data VAL_DIR "
+    "--backbone deit_small_patch16_224 --checkpoint DEIT_S.pth --budgets ats=1.0` (expected: top-1 about "
+    "79.1-79.2 % off the shelf with blocks 3-11, K = 197; report per-sample gmacs beside the paper's 2.9 G)"
 )
 def test_off_the_shelf_deit_small_imagenet_accuracy():
     raise AssertionError("unreachable")

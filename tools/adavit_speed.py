@@ -46,8 +46,8 @@ def set_half_gates(model, x: torch.Tensor, keep_tokens: float, keep_heads: int, 
     P = model.num_prefix_tokens
     # calibrate block by block: run the model, read LN1 of block i, set its bias, repeat
     for i, (blk, gt) in enumerate(zip(model.blocks, gates)):
-        captured = {}
-        h = blk.norm1.register_forward_hook(lambda m, a, out: captured.setdefault("y", out))
+        captured: dict = {}
+        h = blk.norm1.register_forward_hook(lambda m, a, out, store=captured: store.setdefault("y", out))
         model(x)
         h.remove()
         logits = gt.patch(captured["y"][:, P:]).squeeze(-1).flatten()
@@ -77,15 +77,15 @@ def side_by_side(name: str, vit, x_calib: torch.Tensor, inputs: torch.Tensor, ba
         "tokens_per_block": [round(float(v), 1) for v in tr.tokens.float().mean(0)],
         "heads_per_block": [round(float(v), 2) for v in tr.heads.float().mean(0)],
     }
-    kw = dict(
-        batch_size=batch,
-        device=torch.device("cpu"),
-        precision="fp32",
-        warmup_iters=args.warmup,
-        min_iters=args.min_iters,
-        max_iters=args.max_iters,
-        min_seconds=args.min_seconds,
-    )
+    kw = {
+        "batch_size": batch,
+        "device": torch.device("cpu"),
+        "precision": "fp32",
+        "warmup_iters": args.warmup,
+        "min_iters": args.min_iters,
+        "max_iters": args.max_iters,
+        "min_seconds": args.min_seconds,
+    }
     vs_dense = measure.time_side_by_side(comp, dense, inputs, **kw)
     vs_ref = measure.time_side_by_side(comp, ref, inputs, **kw)
     out.update(

@@ -3,11 +3,11 @@
     HF_HUB_OFFLINE=1 .venv/bin/python tools/ats_speed.py            # digits b1/b32 + deit_small b1
     HF_HUB_OFFLINE=1 .venv/bin/python tools/ats_speed.py --only digits --keeps 1.0,0.5
 
-Random weights serve for speed (the kept counts depend on the weights: the digits backbone is
-loaded from the bench cache when a trained checkpoint exists, else its attention is sharpened
-with a fixed seed so that token counts vary per sample, as they do in a trained model). Each row
-prints the speedup as the ratio of medians (``bench.measure.time_side_by_side``, interleaved) next
-to the gmacs ratio of the same batches (dense gmacs / ATS gmacs).
+The digits ViT runs on real test canvases of the embedded default with a trained checkpoint when
+one is cached or shipped (kept counts then vary per sample, so batches pad), else with random
+weights. deit_small_patch16_224 runs with random weights at 224 (random weights serve for speed).
+Each row prints the speedup as the ratio of medians (``bench.measure.time_side_by_side``: the two
+models interleaved in one process) next to the gmacs ratio of the same batches (dense / ATS).
 """
 from __future__ import annotations
 
@@ -26,20 +26,29 @@ import methods  # noqa: E402
 from bench.measure import time_side_by_side  # noqa: E402
 
 
-def digits_backbone(checkpoint: str | None) -> torch.nn.Module:
+def digits_backbone(checkpoint: str | None) -> tuple[torch.nn.Module, str]:
+    """The digits ViT: the given checkpoint, else a trained one from the bench cache or the shipped
+    assets (newest ``digits_vit-*.safetensors``), else random weights."""
     vit = timm.create_model("digits_vit")
+    if checkpoint is None:
+        from bench.cache import ASSETS, cache_dir
+
+        found = sorted(
+            [p for d in (cache_dir(), ASSETS) if d.is_dir() for p in d.glob("digits_vit-*.safetensors")],
+            key=lambda p: p.stat().st_mtime,
+        )
+        checkpoint = str(found[-1]) if found else None
     if checkpoint:
         methods.backbones.load_checkpoint(vit, checkpoint)
-    return vit.eval()
+    return vit.eval(), checkpoint or "random weights"
 
 
 def digits_inputs(n: int) -> torch.Tensor:
-    try:  # real canvases when the data module offers them
-        from bench.data import digits as dd  # noqa: F401
-    except Exception:  # pragma: no cover
-        pass
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 1, 64, 64, generator=g)
+    """Test canvases of the embedded default (normalised as the harness feeds them)."""
+    from bench.data import digits as dd
+
+    x, _ = dd.make_split(dd.DigitsConfig(), "test", n=n)
+    return dd.normalize(x)
 
 
 def gmacs_of(model, x: torch.Tensor, batch: int) -> float:
@@ -98,7 +107,8 @@ def main() -> None:
     keeps = [float(k) for k in args.keeps.split(",")]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, cpu", flush=True)
     if args.only in (None, "digits"):
-        vit = digits_backbone(args.digits_checkpoint)
+        vit, source = digits_backbone(args.digits_checkpoint)
+        print(f"digits_vit weights: {source}", flush=True)
         x = digits_inputs(256)
         for batch in (1, 32):
             for keep in keeps:
