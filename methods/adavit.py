@@ -660,6 +660,7 @@ def train(model: nn.Module, data: TrainData, settings: dict, progress) -> dict:
     last: dict = {}
     epoch = 0
     while step < total:
+        seen = step
         for xb, yb in data.batches(epoch):
             logits = model(xb)
             ce = F.cross_entropy(logits.float(), yb, label_smoothing=float(s["label_smoothing"]))
@@ -671,13 +672,15 @@ def train(model: nn.Module, data: TrainData, settings: dict, progress) -> dict:
             opt.step()
             sched.step()
             step += 1
-            last = {"loss": float(loss), "ce": float(ce), **{f"usage_{k}": v for k, v in u.items()}}
+            last = {"loss": loss.item(), "ce": ce.item(), **{f"usage_{k}": v for k, v in u.items()}}
             if step % 10 == 0 or step == total:
-                history.append({"step": step, **last})
+                history.append({"step": step, **{k: round(v, 4) for k, v in last.items()}})
                 progress.note(" ".join(f"{k} {v:.2f}" for k, v in last.items()))
             progress.advance(1)
             if step >= total:
                 break
+        if step == seen:
+            raise ValueError(f"adavit train: data.batches({epoch}) yielded no batches")
         epoch += 1
     model.eval()
     val = _validate(model, data)
@@ -686,6 +689,7 @@ def train(model: nn.Module, data: TrainData, settings: dict, progress) -> dict:
         "steps": step,
         "targets": targets,
         "train_usage_last": {k: round(v, 4) for k, v in last.items()},
+        "history": history,
         **val,
     }
 

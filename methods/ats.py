@@ -168,7 +168,7 @@ def resolve_config(
         f"behaviour), or a list of {len(stage_blocks)} such integers, one per ATS stage"
     )
     if tokens is None:
-        k = int(math.floor(keep * n_ref + 0.5))
+        k = math.floor(keep * n_ref + 0.5)  # round half up
         if k < MIN_TOKENS:
             raise ValueError(
                 f"ats knob 'keep' = {keep!r} keeps round({keep} * {n_ref}) = {k} token(s) per stage; "
@@ -337,6 +337,38 @@ def _take(t: torch.Tensor, flat: torch.Tensor, b: int) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).index_select(0, flat).reshape(b, -1, t.shape[-1])
 
 
+class _Packed(NamedTuple):
+    """Compact mode's batch layout once samples keep different counts: the residual stream holds
+    the T real rows only (sample after sample, CLS first in each), and attention scatters them into
+    a zero-padded (B, L) layout with a key-padding mask."""
+
+    counts: torch.Tensor  # (B,) real rows per sample
+    length: int  # L, the largest count
+    valid: torch.Tensor  # (B, L) bool
+    pad_index: torch.Tensor  # (T,) position of each packed row in the flat (B * L) layout
+    offsets: torch.Tensor  # (B,) packed position of each sample's CLS row
+    mask: torch.Tensor  # (B, 1, 1, L) additive attention mask, -inf on padding
+
+    @staticmethod
+    def of(counts: torch.Tensor, length: int, dtype: torch.dtype) -> "_Packed":
+        valid = torch.arange(length, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        mask = torch.zeros(valid.shape, dtype=dtype, device=counts.device).masked_fill_(~valid, float("-inf"))
+        return _Packed(
+            counts,
+            length,
+            valid,
+            valid.reshape(-1).nonzero().squeeze(1),
+            counts.cumsum(0) - counts,
+            mask[:, None, None, :],
+        )
+
+
+def _unpack(rows: torch.Tensor, packed: _Packed, b: int) -> torch.Tensor:
+    """(T, F) packed rows -> (B, L, F), zeros on padding."""
+    out = rows.new_zeros(b * packed.length, rows.shape[-1]).index_copy(0, packed.pad_index, rows)
+    return out.view(b, packed.length, -1)
+
+
 def _take_index(origin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] == 1:
         return origin.index_select(1, rows[0])
@@ -403,15 +435,15 @@ class ATSViT(TracedViT):
         b, n0, _ = x.shape
         self.__dict__["_n_ref"] = n0  # the released grid has (initial tokens - 1) points
         n_real = torch.full((b,), n0, dtype=torch.int64, device=x.device)
-        valid: torch.Tensor | None = None  # (B, L) real-token mask; None when nothing is padded
-        policy: torch.Tensor | None = None  # reference mode: the official float policy once a stage ran
+        policy: torch.Tensor | None = None  # reference: the official float policy once a stage ran
+        packed: _Packed | None = None  # compact: x holds only real rows, (T, C), once a batch pads
         origin: torch.Tensor | None = None  # (B, L) original token index of each slot
         tokens_in, tokens_out, kept_index = [], [], []
         slots, padded = 0, False
         budgeted = torch.zeros(b, dtype=torch.bool, device=x.device)
         for i, blk in enumerate(self.blocks):
             tokens_in.append(n_real)
-            slots += x.shape[1]
+            slots += x.shape[1] if packed is None else packed.length
             if i in stage_k:
                 if reference:
                     x, sel = self._ats_block_reference(blk, x, policy, n_real, stage_k[i])
@@ -419,20 +451,21 @@ class ATSViT(TracedViT):
                     if sel.row_valid is not None:
                         policy = policy * sel.row_valid
                 else:
-                    x, sel = self._ats_block_compact(blk, x, valid, n_real, stage_k[i])
-                valid, n_real = sel.row_valid, sel.n_kept
-                padded = padded or valid is not None
+                    x, sel, packed = self._ats_block_compact(blk, x, packed, n_real, stage_k[i])
+                n_real = sel.n_kept
+                padded = padded or sel.row_valid is not None
                 budgeted = budgeted | sel.budgeted
                 origin = sel.rows if origin is None else _take_index(origin, sel.rows)
-                kept_index.append(origin if valid is None else origin.masked_fill(~valid, -1))
+                kept_index.append(origin if sel.row_valid is None else origin.masked_fill(~sel.row_valid, -1))
             elif reference and policy is not None:
                 x = self._block_reference(blk, x, policy, n_real)
-            elif valid is not None:
-                mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(~valid, float("-inf"))
-                x = blk(x, attn_mask=mask[:, None, None, :])
+            elif packed is not None:
+                x = self._block_packed(blk, x, packed)
             else:
                 x = blk(x)
             tokens_out.append(n_real)
+        if packed is not None:  # only the CLS rows feed the head (token pooling)
+            x = x.index_select(0, packed.offsets).unsqueeze(1)
         x = self.norm(x)
         logits = self.forward_head(x)
 
@@ -450,14 +483,23 @@ class ATSViT(TracedViT):
 
     # -- compact: dropped work is not done ---------------------------------------------------
 
-    def _ats_block_compact(self, blk, x, valid, n_real, k):
+    def _ats_block_compact(self, blk, x, packed, n_real, k):
+        """One ATS block, dropped work skipped. ``x`` is (B, L, C) with no padding, or (T, C) real
+        rows described by ``packed``; returns the kept rows in the same two forms."""
         cfg = self.ats_config
         attn = blk.attn
-        b, n, _ = x.shape
         h, d = attn.num_heads, attn.head_dim
         a_dim = h * d
+        if packed is None:
+            b, n = x.shape[0], x.shape[1]
+            valid = mask = None
+        else:
+            b, n = packed.counts.shape[0], packed.length
+            valid, mask = packed.valid, packed.mask
         y = blk.norm1(x)
-        qkv = attn.qkv(y)  # (B, L, 3A)
+        qkv = attn.qkv(y)
+        if packed is not None:
+            qkv = _unpack(qkv, packed, b)  # attention needs the (B, L) layout: padded, masked below
         _, kk, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         kk = attn.k_norm(kk)
         # Only the CLS row of the attention matrix, explicitly (SDPA returns no probabilities).
@@ -481,19 +523,45 @@ class ATSViT(TracedViT):
         # Queries of the kept rows only: q.k^T rows of dropped tokens are never computed.
         q_kept = _take(qkv, flat, b)[..., :a_dim].reshape(b, r, h, d).transpose(1, 2)
         q_kept = attn.q_norm(q_kept)
-        mask = None
-        if valid is not None:
-            mask = torch.zeros(valid.shape, dtype=q_kept.dtype, device=x.device).masked_fill_(~valid, float("-inf"))
-            mask = mask[:, None, None, :]
         o = F.scaled_dot_product_attention(
             q_kept, kk, v, attn_mask=mask, dropout_p=attn.attn_drop.p if self.training else 0.0
         )
         o = o.transpose(1, 2).reshape(b, r, a_dim)
-        y_kept = _take(y, flat, b) if getattr(attn, "gate", None) is not None else None
+        # Where the kept rows live in x: flat (B * L) positions, or packed positions.
+        src = flat if packed is None else (rows + packed.offsets.unsqueeze(1)).reshape(-1)
+        if sel.row_valid is None:  # every sample kept the same count: no padding from here
+            new_packed = None
+            rows_of = (lambda t: _take(t, flat, b)) if packed is None else (lambda t: t.index_select(0, src).view(b, r, -1))
+        else:  # pack: token-wise layers run on the T real rows only
+            new_packed = _Packed.of(sel.n_kept, r, q_kept.dtype)
+            src = src.index_select(0, new_packed.pad_index)
+            o = o.reshape(b * r, a_dim).index_select(0, new_packed.pad_index)
+            rows_of = (lambda t: t.reshape(-1, t.shape[-1]).index_select(0, src)) if packed is None else (
+                lambda t: t.index_select(0, src)
+            )
+        y_kept = rows_of(y) if getattr(attn, "gate", None) is not None else None
         o = self._attn_out(attn, o, y_kept)
-        x = _take(x, flat, b) + blk.drop_path1(blk.ls1(o))
+        x = rows_of(x) + blk.drop_path1(blk.ls1(o))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        return x, sel
+        return x, sel, new_packed
+
+    def _block_packed(self, blk, x, packed):
+        """A plain block on packed rows: attention in the padded (B, L) layout with a key-padding
+        mask, everything token-wise (LN, qkv, proj, MLP) on the T real rows only."""
+        attn = blk.attn
+        h, d = attn.num_heads, attn.head_dim
+        b, n = packed.counts.shape[0], packed.length
+        y = blk.norm1(x)
+        qkv = _unpack(attn.qkv(y), packed, b)
+        q, kk, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, kk = attn.q_norm(q), attn.k_norm(kk)
+        o = F.scaled_dot_product_attention(
+            q, kk, v, attn_mask=packed.mask, dropout_p=attn.attn_drop.p if self.training else 0.0
+        )
+        o = o.transpose(1, 2).reshape(b * n, h * d).index_select(0, packed.pad_index)
+        o = self._attn_out(attn, o, y if getattr(attn, "gate", None) is not None else None)
+        x = x + blk.drop_path1(blk.ls1(o))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     @staticmethod
     def _attn_out(attn, o: torch.Tensor, y_rows: torch.Tensor | None) -> torch.Tensor:
@@ -530,7 +598,7 @@ class ATSViT(TracedViT):
     def _ats_block_reference(self, blk, x, policy, n_real, k):
         cfg = self.ats_config
         attn = blk.attn
-        b, _, c = x.shape
+        b = x.shape[0]
         h, d = attn.num_heads, attn.head_dim
         y, a, v = self._policy_attention(blk, x, policy, n_real)
         valid = None if policy is None else policy > 0
@@ -557,7 +625,7 @@ class ATSViT(TracedViT):
     def _block_reference(self, blk, x, policy, n_real):
         """A plain block after an ATS stage: padding masked by the policy-aware softmax."""
         attn = blk.attn
-        b, n, c = x.shape
+        b, n, _ = x.shape
         y, a, v = self._policy_attention(blk, x, policy, n_real)
         o = (attn.attn_drop(a).to(v.dtype) @ v).transpose(1, 2).reshape(b, n, -1)
         o = self._attn_out(attn, o, y if getattr(attn, "gate", None) is not None else None)

@@ -15,7 +15,7 @@ Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
 * ``reference``: the official masked execution. Halted tokens stay in the tensor, are zeroed, their
   LayerNorm inputs/outputs and MLP inputs are zeroed and every halted *key* gets a -1000 logit
   bias. Costs the dense model's time; reproduces the official garbage outputs of halted rows, which
-  the official prior (``official_prior_quirk``) reads. Training always runs in this mode.
+  the official prior (``official_prior_quirk``) reads, so training with that quirk runs here.
 * ``compact``: "token zipping" (announced in the README, never released, METHODS.md 1.5). Halted
   tokens are physically removed. Active tokens of the batch are kept *packed* (one row per active
   token, samples one after another), so LayerNorms, qkv, proj and the MLP run only on active rows;
@@ -24,7 +24,9 @@ Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
   the same number of active tokens, the buffer is a view and there is no mask and no padding.
   ``padding_waste`` in the trace is the share of those attention slots that were padding.
 
-Both modes give the same logits and the same per-token halting depths (METHODS.md test 7); the
+Both modes give the same logits and the same per-token halting depths (METHODS.md test 7), and
+the same training gradients (halted rows get no gradient in either), so training with the
+corrected prior runs the cheaper compact execution. The
 per-sample MACs come from the depths by the closed form of METHODS.md 1.5 (block l costs
 block(N_l) with N_l the tokens still active) in both modes; only ``compact`` saves time.
 
@@ -454,8 +456,9 @@ TRAIN_SETTINGS: dict[str, Any] = {
 def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
     """Fine-tune ``model`` (an A-ViT from ``methods.build``) in place: task + ponder + prior loss.
 
-    Runs the reference (masked) execution with the training gate centre ``train_gate_center``
-    (the inference knob ``gate_center`` is restored afterwards); the prior is built from the
+    Runs with the training gate centre ``train_gate_center`` (the inference knob ``gate_center``
+    is restored afterwards), in the compact execution, or the reference (masked) one when
+    ``official_prior_quirk`` needs the halted rows' masked outputs. The prior is built from the
     ``prior``, ``target_depth`` and ``prior_std`` knobs, and ``official_prior_quirk`` selects the
     official per-layer mean (issue #4) or the corrected one. Returns what was measured.
     """
@@ -467,7 +470,8 @@ def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
     target_depth = knobs["target_depth"] or default_target_depth(depth)
     target = prior_target(depth, target_depth, knobs["prior"], knobs["prior_std"])
     saved_mode, saved_center = model.bench_mode, knobs["gate_center"]
-    model.bench_mode, knobs["gate_center"] = "reference", knobs["train_gate_center"]
+    train_mode = "reference" if knobs["official_prior_quirk"] else "compact"
+    model.bench_mode, knobs["gate_center"] = train_mode, knobs["train_gate_center"]
     torch.manual_seed(int(s["seed"]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
@@ -508,6 +512,7 @@ def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
             row = {"epoch": epoch + 1, **{k: round(v / max(1, steps), 4) for k, v in sums.items()}}
             history.append(row)
         model.__dict__["_avit_aux"] = None
+        model.bench_mode = "compact"
         val = evaluate(model, data.val_batches())
     finally:
         model.eval()

@@ -6,14 +6,12 @@ in a trained model (with timm's default init every token scores nearly the same)
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import methods
 from methods.ats import ATSConfig, policy_softmax, resolve_config, sample_tokens, token_scores

@@ -274,6 +274,30 @@ def test_ponder_loss_value_and_gradient_only_through_remainders(vit, images, mon
     assert model.head.weight.grad is None  # the classifier is not on the ponder path
 
 
+def test_training_gradients_equal_in_both_modes(vit, images):
+    """Training runs compact (token zipping) unless the official prior quirk needs the masked rows;
+    the losses and every parameter gradient must equal the reference execution's."""
+    labels = torch.arange(len(images)) % 10
+    target = avit.prior_target(DEPTH, 3.0)
+    grads, losses = {}, {}
+    for mode in ("reference", "compact"):
+        model = methods.build("avit", vit, mode=mode, gate_scale=3.0, gate_center=0.5)
+        model.train()
+        aux_logits = model(images)
+        aux = model._avit_aux
+        loss = F.cross_entropy(aux_logits, labels) + 0.1 * aux["ponder_mean"] + avit.prior_loss(aux["halting_mass"], target)
+        loss.backward()
+        losses[mode] = float(loss.detach())
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(losses["reference"] - losses["compact"]) < 1e-5
+    assert grads["reference"].keys() == grads["compact"].keys() and len(grads["compact"]) > 10
+    for name, g in grads["reference"].items():
+        assert (g - grads["compact"][name]).abs().max() <= 1e-4 * (g.abs().max() + 1e-6), name
+    quirky = methods.build("avit", vit, gate_scale=3.0, gate_center=0.5, official_prior_quirk=True).train()
+    with pytest.raises(RuntimeError, match="reference"):
+        quirky(images)
+
+
 # -- test 24: Laplace prior of the student repo --------------------------------------------------
 
 
@@ -327,3 +351,19 @@ def test_training_moves_mean_depth_toward_the_target(vit):
     assert depth["halting"] < 3.0 < 3.5 < depth["task only"], depth
     for p in vit.parameters():  # the backbone given to build() is untouched (build copies it)
         assert p.grad is None
+
+
+def test_training_with_the_official_quirk_runs_the_masked_execution(vit, monkeypatch):
+    modes = []
+    plain = avit.AViT._forward_reference
+
+    def spy(self, x):
+        modes.append(self.bench_mode)
+        return plain(self, x)
+
+    monkeypatch.setattr(avit.AViT, "_forward_reference", spy)
+    batch = [(torch.randn(8, 1, 64, 64), torch.randint(0, 10, (8,)))]
+    data = methods.TrainData(batches=lambda e: iter(batch), steps_per_epoch=1, val_batches=lambda: iter(batch), num_classes=10)
+    model = methods.build("avit", vit, official_prior_quirk=True)
+    result = avit.train(model, data, {"epochs": 1}, _Progress())
+    assert modes == ["reference"] and model.bench_mode == "compact" and 0 <= result["val_top1"] <= 1
