@@ -350,7 +350,7 @@ class _Packed(NamedTuple):
     mask: torch.Tensor  # (B, 1, 1, L) additive attention mask, -inf on padding
 
     @staticmethod
-    def of(counts: torch.Tensor, length: int, dtype: torch.dtype) -> "_Packed":
+    def of(counts: torch.Tensor, length: int, dtype: torch.dtype) -> _Packed:
         valid = torch.arange(length, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
         mask = torch.zeros(valid.shape, dtype=dtype, device=counts.device).masked_fill_(~valid, float("-inf"))
         return _Packed(
@@ -492,10 +492,10 @@ class ATSViT(TracedViT):
         a_dim = h * d
         if packed is None:
             b, n = x.shape[0], x.shape[1]
-            valid = mask = None
+            valid = None
         else:
             b, n = packed.counts.shape[0], packed.length
-            valid, mask = packed.valid, packed.mask
+            valid = packed.valid
         y = blk.norm1(x)
         qkv = attn.qkv(y)
         if packed is not None:
@@ -523,22 +523,19 @@ class ATSViT(TracedViT):
         # Queries of the kept rows only: q.k^T rows of dropped tokens are never computed.
         q_kept = _take(qkv, flat, b)[..., :a_dim].reshape(b, r, h, d).transpose(1, 2)
         q_kept = attn.q_norm(q_kept)
-        o = F.scaled_dot_product_attention(
-            q_kept, kk, v, attn_mask=mask, dropout_p=attn.attn_drop.p if self.training else 0.0
-        )
-        o = o.transpose(1, 2).reshape(b, r, a_dim)
-        # Where the kept rows live in x: flat (B * L) positions, or packed positions.
+        o = self._attend(attn, q_kept, kk, v, packed).transpose(1, 2).reshape(b, r, a_dim)
+        # Where the kept rows live in x: flat (B * L) positions, or positions among the packed rows.
         src = flat if packed is None else (rows + packed.offsets.unsqueeze(1)).reshape(-1)
-        if sel.row_valid is None:  # every sample kept the same count: no padding from here
-            new_packed = None
-            rows_of = (lambda t: _take(t, flat, b)) if packed is None else (lambda t: t.index_select(0, src).view(b, r, -1))
-        else:  # pack: token-wise layers run on the T real rows only
+        new_packed = None
+        if sel.row_valid is not None:  # samples keep different counts: pack the real rows
             new_packed = _Packed.of(sel.n_kept, r, q_kept.dtype)
             src = src.index_select(0, new_packed.pad_index)
             o = o.reshape(b * r, a_dim).index_select(0, new_packed.pad_index)
-            rows_of = (lambda t: t.reshape(-1, t.shape[-1]).index_select(0, src)) if packed is None else (
-                lambda t: t.index_select(0, src)
-            )
+
+        def rows_of(t: torch.Tensor) -> torch.Tensor:
+            kept = t.reshape(-1, t.shape[-1]).index_select(0, src)
+            return kept if new_packed is not None else kept.view(b, r, -1)
+
         y_kept = rows_of(y) if getattr(attn, "gate", None) is not None else None
         o = self._attn_out(attn, o, y_kept)
         x = rows_of(x) + blk.drop_path1(blk.ls1(o))
@@ -555,13 +552,27 @@ class ATSViT(TracedViT):
         qkv = _unpack(attn.qkv(y), packed, b)
         q, kk, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         q, kk = attn.q_norm(q), attn.k_norm(kk)
-        o = F.scaled_dot_product_attention(
-            q, kk, v, attn_mask=packed.mask, dropout_p=attn.attn_drop.p if self.training else 0.0
-        )
+        o = self._attend(attn, q, kk, v, packed)
         o = o.transpose(1, 2).reshape(b * n, h * d).index_select(0, packed.pad_index)
         o = self._attn_out(attn, o, y if getattr(attn, "gate", None) is not None else None)
         x = x + blk.drop_path1(blk.ls1(o))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+    def _attend(self, attn, q, kk, v, packed):
+        """softmax(q.k^T) v over every key of the (B, L) layout, padded keys masked.
+
+        Fused SDPA everywhere except ``official_padding`` with padding present: the released
+        softmax subtracts the row max over all slots, padded ones included (logit 0, their k rows
+        being zero), so when a sample's real logits all lie far below 0 its eps term distorts the
+        attention; that quirk needs the explicit policy-aware softmax to be reproduced.
+        """
+        drop = attn.attn_drop.p if self.training else 0.0
+        if packed is None or not self.ats_config.official_padding:
+            return F.scaled_dot_product_attention(q, kk, v, attn_mask=None if packed is None else packed.mask, dropout_p=drop)
+        pad = ~packed.valid[:, None, None, :]
+        logits = ((q * attn.scale) @ kk.transpose(-2, -1)).masked_fill(pad, 0.0)
+        a = policy_softmax(logits, packed.valid[:, None, None, :].to(torch.float32), packed.length, True)
+        return attn.attn_drop(a).to(v.dtype) @ v.masked_fill(pad.transpose(-2, -1), 0.0)
 
     @staticmethod
     def _attn_out(attn, o: torch.Tensor, y_rows: torch.Tensor | None) -> torch.Tensor:
