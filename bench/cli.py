@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -161,7 +162,7 @@ def list_(
         t = Table(title="data sets")
         t.add_column("id")
         t.add_column("what")
-        for k, (desc, _) in datasets.DATASETS.items():
+        for k, (desc, *_rest) in datasets.DATASETS.items():
             t.add_row(k, desc)
         console.print(t)
     if what in (None, "profiles", "budgets"):
@@ -242,9 +243,17 @@ def main() -> None:
     from methods.backbones import CheckpointError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
+    # Ctrl-C must stop a run cleanly even when started from a shell that ignores SIGINT for
+    # background jobs (the handler is inherited as SIG_IGN there).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _normalise_argv(sys.argv[1:])
     try:
-        app(args=args, prog_name="bench", standalone_mode=False)
+        code = app(args=args, prog_name="bench", standalone_mode=False)
+        # Not standalone, typer returns exit codes instead of exiting: 130 is its Ctrl-C.
+        if code == 130:
+            _interrupted()
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except (UsageError, CheckpointError) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

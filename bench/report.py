@@ -56,7 +56,10 @@ def markdown(df: pd.DataFrame, runs: list[Run]) -> str:
     show = df.copy()
     show["top1"] = [f"{t:.2f} [{lo:.1f}, {hi:.1f}]" for t, lo, hi in zip(df["top1"], df["top1_ci_low"], df["top1_ci_high"])]
     show = show.drop(columns=[c for c in ("top1_ci_low", "top1_ci_high", "run_id", "device_name") if c in show.columns])
-    lines.append(show.to_markdown(index=False, floatfmt=".4g"))
+    for col in show.columns:  # format numbers here: tabulate would also reformat '2111.15667' as a number
+        if pd.api.types.is_float_dtype(show[col]):
+            show[col] = show[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    lines.append(show.to_markdown(index=False, disable_numparse=True))
     return "\n".join(lines) + "\n"
 
 

@@ -304,29 +304,32 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
+    from .store import ensure_writable
+
+    ensure_writable(run.path if resume else root)  # fail before any training or measuring
     vit = create_backbone(cfg)
     evalset = datasets.load(cfg, vit)
     groups = plan(cfg, method_ids, devices)
-    if not resume:
-        run = Run.create(root, cfg.profile, new_manifest(cfg, argv or sys.argv))
+    vit, backbone_info = prepare_backbone(cfg, vit, reporter)
+    if resume:
+        recorded = run.manifest().get("checkpoint_sha256")
+        if recorded is not None and recorded != backbone_info.get("checkpoint_sha256"):
+            raise UsageError(f"run {run.id} was measured with checkpoint sha256 {recorded[:12]}, but "
+                             f"{backbone_info.get('checkpoint')} has {backbone_info.get('checkpoint_sha256', '')[:12]}; start a new run")
     else:
-        from .store import ensure_writable
-
-        ensure_writable(run.path)
+        run = Run.create(root, cfg.profile, new_manifest(cfg, argv or sys.argv))
     manifest = run.manifest()
+    manifest.update(backbone_info)
     manifest["status"] = "running"
     manifest["dataset"] = {"name": evalset.name, **evalset.info}
+    manifest["backbone"] = {"name": cfg.backbone, "params_m": round(sum(p.numel() for p in vit.parameters()) / 1e6, 4),
+                            "dense_gmacs": methods.vit_shape(vit).dense_gmacs()}
     total_cells = len(groups) * len(cfg.batch_sizes)
     manifest["planned_cells"] = total_cells
     run.write_manifest(manifest)
     reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}")
 
     try:
-        vit, backbone_info = prepare_backbone(cfg, vit, reporter)
-        manifest.update(backbone_info)
-        manifest["backbone"] = {"name": cfg.backbone, "params_m": round(sum(p.numel() for p in vit.parameters()) / 1e6, 4),
-                                "dense_gmacs": methods.vit_shape(vit).dense_gmacs()}
-        run.write_manifest(manifest)
         _run_groups(cfg, run, groups, vit, backbone_info, evalset, reporter)
     except KeyboardInterrupt:
         manifest = run.manifest()

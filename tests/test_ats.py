@@ -65,9 +65,14 @@ def test_registered_with_knobs_modes_and_budgets():
     assert spec.primary_knob == "keep"
     assert {k.name for k in spec.knobs} == {"keep", "tokens", "blocks", "single_stage", "official_padding"}
     assert len(spec.default_budgets) >= 4
-    for budget in spec.default_budgets:
-        keep = float(budget)
-        assert 0 < keep <= 1
+    vit = timm.create_model("digits_vit")
+    for budget in spec.default_budgets:  # "0.5" sets keep; "knob:value+knob:value" with lists as a/b
+        knobs = {}
+        for part in budget.split("+"):
+            name, value = part.split(":") if ":" in part else ("keep", part)
+            items = [float(v) if "." in v else int(v) for v in value.split("/")]
+            knobs[name] = items if len(items) > 1 else items[0]
+        methods.build("ats", vit, **knobs)  # valid on the 6-block digits ViT
     assert {"tokens_kept", "budgeted_form", "padding_waste"} <= set(spec.extras)
 
 
@@ -89,6 +94,8 @@ def test_default_stages_follow_the_released_config_and_clip_to_depth():
     assert resolve_config(6, 65, blocks=[4, 2]).blocks == (2, 4)
     assert resolve_config(6, 65, blocks=[2, 4], single_stage=True).blocks == (2,)
     assert resolve_config(12, 197, blocks="3,5/7").blocks == (3, 5, 7)
+    assert resolve_config(6, 65, blocks=[-2, -1]).blocks == (4, 5)  # counted from the end
+    assert resolve_config(12, 197, blocks=-1).blocks == (11,)
 
 
 def test_budget_grammar_keep_ratio_and_absolute_tokens():
@@ -118,7 +125,9 @@ def test_budget_grammar_keep_ratio_and_absolute_tokens():
         ({"keep": -0.5}, r"'keep' must be a number in \(0, 1\]"),
         ({"keep": 1.5}, r"'keep' must be a number in \(0, 1\]"),
         ({"keep": 0.01}, r"'keep' = 0\.01 keeps .* 1 token.*at least 2"),
-        ({"blocks": 6}, r"'blocks' must be block indices in 0\.\.5"),
+        ({"blocks": 6}, r"'blocks' must be block indices in 0\.\.5, or -6\.\.-1"),
+        ({"blocks": [-7]}, r"'blocks' must be block indices in 0\.\.5"),
+        ({"blocks": [5, -1]}, r"'blocks' must be .*no repeats"),
         ({"blocks": [3, 3]}, r"'blocks' must be .*no repeats"),
         ({"blocks": "x"}, r"'blocks' must be block indices"),
     ],
@@ -404,6 +413,32 @@ def test_default_is_batch_invariant(vit, images, knobs):
         assert torch.equal(ti.tokens[0], t.tokens[i]) and torch.equal(ti.gmacs[0], t.gmacs[i])
         for a, b in zip(ti.kept_index, t.kept_index):
             assert torch.equal(a[0], b[i][b[i] >= 0])
+
+
+def test_official_padding_reproduces_the_released_softmax_over_padded_slots(vit):
+    """The released softmax subtracts the row max over padded slots too (their logit is 0): with
+    real logits far below 0 the eps term then distorts the attention. Compact reproduces it with
+    official_padding (and uses the plain masked softmax otherwise)."""
+    from methods.ats import _Packed
+
+    counts = torch.tensor([5, 8])
+    packed = _Packed.of(counts, 8, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 3, 1, 32, generator=g)  # the digits ViT: 3 heads of 32 channels
+    q = 4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)
+    k = (-4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)) * packed.valid[:, None, :, None]
+    v = torch.randn(2, 3, 8, 32, generator=g) * packed.valid[:, None, :, None]
+    attn = vit.blocks[0].attn
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    assert float(logits[0, :, :, :5].max()) < -15  # real logits far below the padded slots' 0
+    key_policy = packed.valid[:, None, None, :].float()
+    released = policy_softmax(logits, key_policy, 8, True) @ v
+    plain = torch.softmax(logits.masked_fill(~packed.valid[:, None, None, :], float("-inf")), -1) @ v
+    assert (released[0] - plain[0]).abs().max() > 1e-2  # the quirk is visible for the padded sample
+    official = methods.build("ats", vit, official_padding=True)
+    default = methods.build("ats", vit)
+    torch.testing.assert_close(official._attend(attn, q, k, v, packed), released, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(default._attend(attn, q, k, v, packed), plain, atol=1e-4, rtol=1e-4)
 
 
 def test_official_padding_reproduces_the_released_batch_dependence(vit, images):

@@ -88,7 +88,7 @@ def test_report_errors(tmp_path):
 
 def test_smoke_run_writes_results_and_report(tmp_path):
     out, rep = tmp_path / "results", tmp_path / "reports"
-    p = bench("run", "--profile", "smoke", "--out", str(out), "--reports", str(rep), "--seed", "3")
+    p = bench("run", "--profile", "smoke", "--methods", "deit", "--out", str(out), "--reports", str(rep), "--seed", "3")
     assert p.returncode == 0, p.stderr[-3000:]
     (run_dir,) = list(out.iterdir())
     assert f"results: {run_dir}" in p.stdout.replace("\n", "")
@@ -134,7 +134,7 @@ def _wait_for_records(run_root: Path, n: int, proc: subprocess.Popen, timeout: f
 def _start(out: Path, *extra) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [*bench_cmd(), "run", "--profile", "smoke", "--batch-sizes", "1,2,4,8", "--out", str(out), "--reports", str(out.parent / "rep"), *extra],
+        [*bench_cmd(), "run", "--profile", "smoke", "--methods", "deit", "--batch-sizes", "1,2,4,8", "--out", str(out), "--reports", str(out.parent / "rep"), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
