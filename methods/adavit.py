@@ -29,14 +29,16 @@ Two execution modes (DESIGN.md "Contracts"):
     default and the README's evaluation) or replaces the head's attention map by the identity
     (``"identity_attn"``, ``--ada-head-attn``, the paper's Eq. 8). Everything is computed densely.
   - ``compact`` (default): the same predictions with the work removed. A block whose two sub-layers
-    are both off is skipped (not even LN1 or the patch gate run); dropped patches are gathered out
-    of the block's computation and carried through unchanged; dropped heads are sliced out of the
-    qkv rows and the proj / fc1 input columns (one weight slice per block and batch, never per-sample
-    weight copies). Batches: samples with the attention (FFN) off are left out of that sub-layer;
-    the others are gathered to the batch's largest kept-token count with a key-padding mask, and
-    heads are sliced to the union of the heads the batch keeps, a per-sample 0/1 head mask zeroing
-    the rest. The share of executed block MACs spent on such padding is ``trace.padding_waste``
-    (0 at batch 1, where everything is sliced exactly).
+    are both off is skipped (not even LN1 or the patch gate run); dropped patches are taken out of
+    the block's computation and carried through unchanged; dropped heads are sliced out of the qkv
+    rows and the proj / fc1 input columns (one weight slice per block and batch, never per-sample
+    weight copies). Batches: the kept tokens of all samples are packed into one (S, C) matrix with
+    no padding, and every token-wise layer (qkv, proj, LN2, FFN) runs on the rows of the samples
+    whose sub-layer is on; only the attention matmuls pad each sample to the batch's largest
+    kept-token count, with a key-padding mask. Heads are sliced to the union of the heads the
+    samples keep, and a per-row 0/1 head mask zeroes the rest where samples disagree. The share of
+    executed MSA / FFN MACs spent on such padding is ``trace.padding_waste`` (0 at batch 1, where
+    everything is sliced exactly).
 Training always runs the ``reference`` path (the masks carry the straight-through gradients).
 
 Trace (``methods.trace(model)``): ``tokens`` (B, depth) tokens each block computed on (CLS plus
@@ -346,67 +348,45 @@ class AdaViT(TracedViT):
         else:
             rec["patch_keep"][ia, i] = keep
             rec["tokens"][ia, i] = t
-        T, t_min = int(t.max()), int(t.min())
-        flat = None
-        valid = None
-        if t_min == N:
-            xs, ys = xa, y
+        # kept tokens of every row, packed without padding (sample-major, token order kept):
+        # the token-wise layers (qkv, proj, LN2, FFN) run on exactly these rows; only the
+        # attention matmuls see a padded layout (in _compact_attention)
+        if int(t.min()) == N:
+            flat = None
+            xp, yp = xa.reshape(Ba * N, C), y.reshape(Ba * N, C)
         else:
-            # kept tokens first, in their order, as rows of the flattened batch (index_select is
-            # much faster than gather on the CPU); rows with fewer kept tokens are padded with
-            # dropped ones, which the attention masks as keys and the FFN never sees
-            if t_min == T:  # batch 1, or equal counts: no padding
-                flat = keep.reshape(-1).nonzero().squeeze(1)
-            else:
-                order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :T]
-                flat = (order + torch.arange(Ba, device=x.device)[:, None] * N).reshape(-1)
-                valid = torch.arange(T, device=x.device)[None, :] < t[:, None]  # (Ba, T)
-            xs = xa.reshape(Ba * N, C).index_select(0, flat).reshape(Ba, T, C)
-            ys = y.reshape(Ba * N, C).index_select(0, flat).reshape(Ba, T, C)
-        # MSA on the rows whose attention is on, padded to T tokens with a key-padding mask
+            flat = keep.reshape(-1).nonzero().squeeze(1)
+            xp = xa.reshape(Ba * N, C).index_select(0, flat)
+            yp = y.reshape(Ba * N, C).index_select(0, flat)
+        identity = self.bench_knobs["head_variant"] == "identity_attn"
+        # MSA on the rows whose attention is on
         rows = _rows(a)
         if rows is not False:
-            sel = (lambda v: v) if rows is None else (lambda v: None if v is None else v.index_select(0, rows))
-            out = blk.ls1(self._compact_attention(blk, sel(ys), sel(valid), sel(hk), rec)).to(xs.dtype)
-            xs = xs + out if rows is None else xs.index_add(0, rows, out)
-        # FFN on the kept tokens packed without padding (token-wise layers need no batch layout)
-        if valid is None:
-            xp, fp = xs.reshape(Ba * T, C), flat
-        else:
-            packed = valid.reshape(-1).nonzero().squeeze(1)
-            xp, fp = xs.reshape(Ba * T, C).index_select(0, packed), flat.index_select(0, packed)
+            prow = None if rows is None else a.repeat_interleave(t).nonzero().squeeze(1)
+            t_a = t if rows is None else t.index_select(0, rows)
+            hk_a = hk if (hk is None or rows is None) else hk.index_select(0, rows)
+            yin = yp if prow is None else yp.index_select(0, prow)
+            out = blk.ls1(self._compact_attention(blk, yin, t_a, hk_a, rec)).to(xp.dtype)
+            xp = xp + out if prow is None else xp.index_add(0, prow, out)
+        # FFN on the rows whose FFN is on
         rows = _rows(m)
         if rows is not False:
+            prow = None if rows is None else m.repeat_interleave(t).nonzero().squeeze(1)
             hk_m = hk if (hk is None or rows is None) else hk.index_select(0, rows)
             heads, nu, uniform = self._head_union(hk_m, blk.attn.num_heads)
-            prow = None if rows is None else m.repeat_interleave(t).nonzero().squeeze(1)  # packed rows with FFN on
             hk_rows = None
-            if not uniform and self.bench_knobs["head_variant"] != "identity_attn":
-                hk_rows = hk.repeat_interleave(t, dim=0)
-                hk_rows = hk_rows if prow is None else hk_rows.index_select(0, prow)
+            if not uniform and not identity:
+                t_m = t if rows is None else t.index_select(0, rows)
+                hk_rows = hk_m.repeat_interleave(t_m, dim=0)
             xin = xp if prow is None else xp.index_select(0, prow)
             out = blk.ls2(self._compact_mlp(blk, xin, heads, nu, hk_rows, rec)).to(xp.dtype)
             xp = xp + out if prow is None else xp.index_add(0, prow, out)
         # carry the dropped tokens through unchanged
-        if fp is None:
+        if flat is None:
             xa = xp.reshape(Ba, N, C)
         else:
-            xa = xa.reshape(Ba * N, C).index_copy(0, fp, xp).reshape(Ba, N, C)
+            xa = xa.reshape(Ba * N, C).index_copy(0, flat, xp).reshape(Ba, N, C)
         return xa if ia is None else x.index_copy(0, ia, xa)
-
-    def _head_index(self, heads: torch.Tensor, kind: str) -> torch.Tensor:
-        """Row (``qkv``: q, k, v of each head; ``qk``: q, k only) or channel (``cols``) indices of
-        the given heads, from per-head tables built once per device."""
-        attn = self.blocks[0].attn
-        H, d, C = attn.num_heads, attn.head_dim, self.embed_dim
-        cache = self.__dict__.setdefault("_adavit_index", {})
-        key = (kind, heads.device)
-        if key not in cache:
-            ar = torch.arange(d, device=heads.device)
-            per_head = torch.arange(H, device=heads.device)[:, None] * d + ar  # (H, d)
-            parts = {"qkv": 3, "qk": 2, "cols": 1}[kind]
-            cache[key] = torch.stack([per_head + p * C for p in range(parts)], dim=0)  # (parts, H, d)
-        return cache[key].index_select(1, heads).reshape(-1)
 
     def _head_union(self, hk: torch.Tensor | None, H: int) -> tuple[torch.Tensor | None, int, bool]:
         """Heads kept by any row (None: all), how many, and whether every row keeps exactly those."""
@@ -422,61 +402,62 @@ class AdaViT(TracedViT):
             return None, H, uniform
         return union.nonzero().squeeze(1), n, uniform
 
-    def _compact_attention(self, blk, ys, valid, hk, rec) -> torch.Tensor:
+    def _compact_attention(self, blk, yp, t, hk, rec) -> torch.Tensor:
+        """MSA of packed token rows ``yp`` (S, C) of Bs samples with ``t`` (Bs,) rows each.
+        qkv and proj run on the S rows, sliced to the union of the heads the samples keep; the
+        attention matmuls pad every sample to T = max(t) tokens with a key-padding mask unless
+        all counts are equal; ``hk`` (Bs, H) zeroes (or, identity_attn, passes V through for)
+        the heads a sample dropped where the samples disagree."""
         attn = blk.attn
-        Bs, T, C = ys.shape
+        S, C = yp.shape
+        Bs = t.shape[0]
+        T = int(t.max())
         H, d = attn.num_heads, attn.head_dim
         identity = self.bench_knobs["head_variant"] == "identity_attn"
         heads, nu, uniform = self._head_union(hk, H)
-        W, b = attn.qkv.weight, attn.qkv.bias
-        dev = ys.device
-        mask = None if valid is None else valid[:, None, None, :]
         cu = nu * d
-        if not identity:
-            if nu == 0:  # every head dropped: q/k/v are zero, the MSA output is proj's bias
-                out = ys.new_zeros(Bs, T, C)
-                return out + attn.proj.bias.to(out.dtype) if attn.proj.bias is not None else out
-            if heads is not None:
-                idx = self._head_index(heads, "qkv")
-                W = W.index_select(0, idx)
-                b = None if b is None else b.index_select(0, idx)
-            qkv = F.linear(ys, W, b).reshape(Bs, T, 3, nu, d).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+        if not identity and nu == 0:  # every head dropped: q/k/v are zero, the MSA output is proj's bias
+            out = yp.new_zeros(S, C)
+            return out + attn.proj.bias.to(out.dtype) if attn.proj.bias is not None else out
+        W, b = attn.qkv.weight, attn.qkv.bias
+        parts = 2 if identity else 3  # identity_attn: V of every head comes from its own linear
+        W = _head_rows(W[: parts * C], heads, parts, H, d)
+        b = None if b is None else _head_rows(b[: parts * C], heads, parts, H, d)
+        qkv = F.linear(yp, W, b)  # (S, parts * cu)
+        v_all = F.linear(yp, attn.qkv.weight[2 * C :], None if attn.qkv.bias is None else attn.qkv.bias[2 * C :]) if identity else None
+        hk_rows = None if uniform else hk.repeat_interleave(t, dim=0)  # (S, H)
+        o = None
+        if nu > 0:
+            qkv3 = torch.cat([qkv, _head_cols(v_all, heads, H, d)], 1) if identity else qkv
+            padded = S != Bs * T
+            mask = None
+            if padded:  # place each sample's rows at b*T + j of a zero (Bs*T) buffer
+                start = torch.cumsum(t, 0) - t
+                shift = (torch.arange(Bs, device=yp.device) * T - start).repeat_interleave(t)
+                dest = torch.arange(S, device=yp.device) + shift
+                qkv3 = qkv3.new_zeros(Bs * T, 3 * cu).index_copy(0, dest, qkv3)
+                mask = (torch.arange(T, device=yp.device)[None, :] < t[:, None])[:, None, None, :]
+            q, k, v = qkv3.reshape(Bs, T, 3, nu, d).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = attn.q_norm(q), attn.k_norm(k)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            if not uniform:
-                hmask = hk if heads is None else hk.index_select(1, heads)
-                o = o * hmask.to(o.dtype)[:, :, None, None]
-            o = o.transpose(1, 2).reshape(Bs, T, cu)
-            Wp = attn.proj.weight
-            if heads is not None:
-                Wp = Wp.index_select(1, self._head_index(heads, "cols"))
-            out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
-            rec["padded_macs"] += Bs * (T * C * 3 * cu + 2 * T * T * cu + T * cu * C)
-            return out
-        # identity_attn: kept heads attend, dropped heads pass their V through (Eq. 8)
-        if heads is not None:
-            idx = torch.cat([self._head_index(heads, "qk"), torch.arange(2 * C, 3 * C, device=dev)])
-            W = W.index_select(0, idx)
-            b = None if b is None else b.index_select(0, idx)
-        qkv = F.linear(ys, W, b)
-        q = qkv[..., :cu].reshape(Bs, T, nu, d).transpose(1, 2)
-        k = qkv[..., cu : 2 * cu].reshape(Bs, T, nu, d).transpose(1, 2)
-        v = qkv[..., 2 * cu :].reshape(Bs, T, H, d).transpose(1, 2)  # (Bs, H, T, d)
-        if nu > 0:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            vu = v if heads is None else v.index_select(1, heads)
-            o = F.scaled_dot_product_attention(q, k, vu, attn_mask=mask)
-            if not uniform:
-                hmask = (hk if heads is None else hk.index_select(1, heads))[:, :, None, None]
-                o = torch.where(hmask, o, vu)
-            if heads is None:
-                v = o
+            o = o.transpose(1, 2).reshape(Bs * T, cu)
+            if padded:
+                o = o.index_select(0, dest)  # back to the S packed rows
+            if hk_rows is not None:
+                hm = _head_cols(hk_rows, heads, H, 1).repeat_interleave(d, dim=1)
+                o = torch.where(hm, o, _head_cols(v_all, heads, H, d)) if identity else o * hm.to(o.dtype)
+        if identity:
+            if o is not None:
+                o = o.to(v_all.dtype)
+                o = o if heads is None else v_all.view(S, H, d).index_copy(1, heads, o.view(S, nu, d)).view(S, C)
             else:
-                v = v.index_copy(1, heads, o.to(v.dtype))
-        o = v.transpose(1, 2).reshape(Bs, T, C)
-        out = attn.proj_drop(attn.proj(o))
-        rec["padded_macs"] += Bs * (T * C * (2 * cu + C) + 2 * T * T * cu + T * C * C)
+                o = v_all
+            out = attn.proj_drop(attn.proj(o))
+            rec["padded_macs"] += S * C * (2 * cu + C) + 2 * Bs * T * T * cu + S * C * C
+            return out
+        Wp = _head_cols(attn.proj.weight, heads, H, d)
+        out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
+        rec["padded_macs"] += S * C * 3 * cu + 2 * Bs * T * T * cu + S * cu * C
         return out
 
     def _compact_mlp(self, blk, xp, heads, nu, hk_rows, rec) -> torch.Tensor:
@@ -485,26 +466,38 @@ class AdaViT(TracedViT):
         heads a row's sample dropped when the rows disagree."""
         mlp = blk.mlp
         S, C = xp.shape
-        d = blk.attn.head_dim
+        H, d = blk.attn.num_heads, blk.attn.head_dim
         R = mlp.fc1.out_features
         z = blk.norm2(xp)
         if self.bench_knobs["head_variant"] == "identity_attn":
             h, cu = mlp.fc1(z), C
         else:
             cu = nu * d
-            W = mlp.fc1.weight
             if hk_rows is not None:
                 z = z * hk_rows.to(z.dtype).repeat_interleave(d, dim=1)
-            if heads is not None:
-                cols = self._head_index(heads, "cols")
-                z = z.index_select(1, cols)
-                W = W.index_select(1, cols)
-            h = F.linear(z, W, mlp.fc1.bias)
+            h = F.linear(_head_cols(z, heads, H, d), _head_cols(mlp.fc1.weight, heads, H, d), mlp.fc1.bias)
         h = mlp.drop1(mlp.act(h))
         h = mlp.norm(h)
         out = mlp.drop2(mlp.fc2(h))
         rec["padded_macs"] += S * (5 * C + cu * R + R * C)
         return out
+
+
+def _head_rows(w: torch.Tensor, heads: torch.Tensor | None, parts: int, num_heads: int, d: int) -> torch.Tensor:
+    """Rows of the given heads (None: all) of a (parts * H * d, ...) weight or bias, e.g. q, k, v
+    of qkv; one index_select over the head axis (fast on the CPU, unlike row gathers)."""
+    if heads is None:
+        return w
+    rest = w.shape[1:]
+    return w.reshape(parts, num_heads, d, *rest).index_select(1, heads).reshape(-1, *rest)
+
+
+def _head_cols(w: torch.Tensor, heads: torch.Tensor | None, num_heads: int, d: int) -> torch.Tensor:
+    """Columns (last axis, H * d wide) of the given heads (None: all)."""
+    if heads is None:
+        return w
+    lead = w.shape[:-1]
+    return w.reshape(*lead, num_heads, d).index_select(-2, heads).reshape(*lead, -1)
 
 
 def _rows(flags: torch.Tensor | None):

@@ -27,30 +27,35 @@ What follows the official code (METHODS.md 2.2) and what is ours
 * Padding (step 10): batches are compacted to 1 + max_b K'_b rows, shorter samples padded. The
   released code lets the padded rows enter the next ATS block's sorted CDF with score 0, which
   shifts y0 so a padded sample keeps a token it would drop alone (test 16: not batch-invariant).
-  Default here (``official_padding=False``): padding is excluded from the CDF, the softmax max
-  and its eps/N term use the sample's own N, so a sample's kept set does not depend on its batch
-  mates. ``official_padding=True`` reproduces the released behaviour (CDF over padded slots, eps/N
-  with the padded length, row max over all slots).
+  Its softmax also subtracts the row max over the padded slots (logit 0), so a sample whose real
+  logits all lie far below 0 gets its attention distorted by the eps term. Default here
+  (``official_padding=False``): padding is left out of the CDF, the row max and the eps/N term
+  (the sample's own N), so a sample's kept set and output do not depend on its batch mates.
+  ``official_padding=True`` reproduces both released behaviours (CDF over padded slots, row max
+  over all slots, eps/N with the padded length).
 
 Two execution modes (DESIGN.md contracts), same kept sets and predictions:
 * ``compact`` (default): what is dropped is not computed. Blocks before the first ATS stage are
   timm's own. In an ATS block only the CLS row of the attention is computed explicitly (fused SDPA
   cannot return attention probabilities), with the same policy-aware softmax as ``reference``;
-  the kept query rows then run through fused SDPA over all keys with a key-padding mask, so the
-  q.k^T rows of dropped queries are never computed. At batch 1 (or when every sample keeps the
-  same count) nothing is padded and no mask is used. Blocks after a stage use timm's Block with a
-  key-padding mask.
+  the kept query rows then go through fused SDPA over all keys, so the q.k^T rows of dropped
+  queries are never computed. At batch 1, or while every sample keeps the same count, nothing is
+  padded and no mask is used. Once samples keep different counts the residual stream is *packed*:
+  LN, qkv, proj and MLP run on the real rows only, and each attention scatters them into the
+  padded (B, 1 + max K') layout with a key-padding mask, so padding costs attention work only
+  (``official_padding`` uses the explicit policy-aware softmax there, to keep its quirk).
 * ``reference``: the official semantics written out: full explicit attention matrix with the
   policy-aware softmax, q/k/v rows multiplied by the policy, padding rows zeroed after each
-  residual, later blocks masked by the policy softmax, linear layers dense over the padded length.
+  residual, later blocks masked by the policy softmax, every layer dense over the padded length.
 
 Compute (METHODS.md test 18): per sample, an ATS block with N_in tokens keeping K'+1 counts qkv and
 LN1 on N_in, q.k^T on N_in^2, attn.v on (K'+1)*N_in, proj/LN2/MLP on K'+1 (``ViTShape.block``).
 ``trace.gmacs`` follows that count in both modes (``compact`` actually skips the q.k^T rows of
-dropped queries, a saving the count does not claim). Padding is never counted as compute; its share
-of token slots is ``trace.padding_waste``; which tokens each stage kept is ``trace.kept_index``
-(original token indices, for plots and checks). The scoring and sampling themselves (a few element-wise
-ops, a sort over N) are not multiply-accumulates and are not counted, as in fvcore.
+dropped queries, a saving the count does not claim). Padding is never counted as compute; the
+share of padded slots in the padded (B, L) layouts is ``trace.padding_waste`` (in ``compact`` only
+the attention products run on that layout), and which tokens each stage kept is ``trace.kept_index``
+(original token indices, for plots and checks). The scoring and sampling themselves (a few
+element-wise ops, a sort over N) are not multiply-accumulates and are not counted, as in fvcore.
 """
 from __future__ import annotations
 
@@ -143,14 +148,20 @@ def resolve_config(
 ) -> ATSConfig:
     """Turn the knobs into stage blocks and per-stage K; every bad value raises a ValueError that
     names the knob and what it accepts."""
-    allowed_blocks = f"block indices in 0..{depth - 1} (an int, a list, 'a-b' or 'a,b,c'), no repeats"
+    allowed_blocks = (
+        f"block indices in 0..{depth - 1}, or -{depth}..-1 counted from the end (an int, a list, 'a-b' or "
+        "'a,b,c'), no repeats"
+    )
     if blocks is None:
         # The released DeiT-S config runs ATS in blocks 3..11 of 12, i.e. from block 3 to the end;
         # a shallower backbone keeps "from block 3 to the end" (3..5 on the 6-block digits ViT).
         stage_blocks = list(range(min(3, depth - 1), depth))
     else:
         stage_blocks = _int_list("blocks", blocks, allowed_blocks)
-        if any(b < 0 or b >= depth for b in stage_blocks) or len(set(stage_blocks)) != len(stage_blocks):
+        if any(b < -depth or b >= depth for b in stage_blocks):
+            raise _knob_error("blocks", allowed_blocks, blocks)
+        stage_blocks = [b % depth for b in stage_blocks]  # -1 = the last block, on any depth
+        if len(set(stage_blocks)) != len(stage_blocks):
             raise _knob_error("blocks", allowed_blocks, blocks)
         stage_blocks = sorted(stage_blocks)
     if not isinstance(single_stage, bool):
@@ -222,7 +233,8 @@ def token_scores(cls_attn: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | 
     cls_attn: (B, H, L) CLS attention row per head; v: (B, H, L, D) values; valid: (B, L) or None.
     Returns (B, L - 1) float32, zero on padding, summing to 1 over each sample's real patches.
     """
-    v_norm = v[:, :, 1:].float().square().sum(dim=(1, 3)).sqrt()  # ||v_j|| over all heads' channels
+    b, h, n, d = v.shape
+    v_norm = torch.linalg.vector_norm(v.transpose(1, 2).reshape(b, n, h * d)[:, 1:].float(), dim=-1)  # all heads
     s = cls_attn[:, :, 1:].float().sum(dim=1) * v_norm
     if valid is not None:
         s = s * valid[:, 1:]
@@ -259,7 +271,7 @@ def sample_tokens(
     scores: (B, P) normalised patch scores (P = L - 1 patch slots); valid: (B, L) real-token mask
     or None when no slot is padding; n_in: (B,) real tokens per sample, CLS included. Vectorised
     over the batch (no Python loop over samples); one host sync for the compacted length.
-    Degenerate rows (a lone patch token, or all scores zero) keep their lowest-ranked token.
+    Degenerate rows (a lone patch token, or all scores zero) keep one token.
     """
     b, p = scores.shape
     dev = scores.device
@@ -299,7 +311,12 @@ def sample_tokens(
         if k == 2:
             grid = torch.where(m_b == 1, 1.0, grid)
 
-    pick = (g.unsqueeze(1) - grid.unsqueeze(2)).abs().argmin(dim=2)  # (B, M): nearest, first on ties
+    # Nearest token to each grid point, first index on ties: G is sorted, so the nearest is one of
+    # the two neighbours of the insertion point (O(M log P) instead of a (B, M, P) distance table).
+    hi = torch.searchsorted(g, grid)
+    lo = (hi - 1).clamp_min_(0)
+    hi = hi.clamp_max_(p - 1)
+    pick = torch.where(grid - g.gather(1, lo) <= g.gather(1, hi) - grid, lo, hi)  # (B, M)
     picked = torch.zeros(b, p, dtype=torch.uint8, device=dev).scatter_(1, pick, 1)  # duplicates collapse
     if b == 1:
         rows = order.masked_select(picked.bool()).unsqueeze(0)  # ascending score order
@@ -568,7 +585,8 @@ class ATSViT(TracedViT):
         """
         drop = attn.attn_drop.p if self.training else 0.0
         if packed is None or not self.ats_config.official_padding:
-            return F.scaled_dot_product_attention(q, kk, v, attn_mask=None if packed is None else packed.mask, dropout_p=drop)
+            mask = None if packed is None else packed.mask
+            return F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=drop, scale=attn.scale)
         pad = ~packed.valid[:, None, None, :]
         logits = ((q * attn.scale) @ kk.transpose(-2, -1)).masked_fill(pad, 0.0)
         a = policy_softmax(logits, packed.valid[:, None, None, :].to(torch.float32), packed.length, True)
@@ -696,8 +714,8 @@ SPEC = register(
                 "blocks",
                 object,
                 None,
-                "ATS blocks, 0-based ('3-11', '3/6/9' or a list); default: block 3 to the last block "
-                "(3-11 on 12-block DeiT-S as the released config, 3-5 on the 6-block digits ViT)",
+                "ATS blocks, 0-based ('3-11', '3/6/9' or a list; -1 = the last block); default: block 3 to the "
+                "last block (3-11 on 12-block DeiT-S as the released config, 3-5 on the 6-block digits ViT)",
             ),
             Knob("single_stage", bool, False, "ATS only in the first of the ATS blocks (the paper's single-stage variant)"),
             Knob(
@@ -710,13 +728,17 @@ SPEC = register(
         ),
         modes=("compact", "reference"),
         primary_knob="keep",
-        default_budgets=("1.0", "0.7", "0.5", "0.35", "0.25"),
+        # keep ratios (1.0 = the released configuration), plus ATS in the last two blocks only: on a
+        # model with peaky CLS attention (the trained digits ViT) the released mode already keeps few
+        # tokens, and stage placement spreads the compute more than K does.
+        default_budgets=("1.0", "0.5", "0.25", "0.1", "blocks:-2/-1"),
         extras={
             "tokens_kept": "(B, depth) tokens leaving each block, CLS included (an ATS block's kept count)",
             "kept_index": "one (B, R) tensor per ATS stage: original token index of each kept token (0 = CLS), "
             "CLS first then ascending score; -1 on padding",
             "budgeted_form": "(B,) bool: some ATS stage ran the paper's K-1 point grid (K < tokens), not the released code",
-            "padding_waste": "share of token slots in the batch that were padding (0 at batch 1)",
+            "padding_waste": "share of padded token slots in the batch's padded layouts (0 at batch 1); compact pads "
+            "only inside attention (token-wise layers run on the real rows), reference pads every layer",
         },
     )
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,7 +36,13 @@ def digits_backbone(checkpoint: str | None) -> tuple[torch.nn.Module, str]:
         from bench.cache import ASSETS, cache_dir
 
         found = sorted(
-            [p for d in (cache_dir(), ASSETS) if d.is_dir() for p in d.glob("digits_vit-*.safetensors")],
+            [
+                p
+                for d in (cache_dir(), ASSETS)
+                if d.is_dir()
+                for p in d.glob("digits_vit-*.safetensors")
+                if re.fullmatch(r"digits_vit-[0-9a-f]{16}\.safetensors", p.name)  # the backbone, not a method's
+            ],
             key=lambda p: p.stat().st_mtime,
         )
         checkpoint = str(found[-1]) if found else None
@@ -80,6 +87,8 @@ def row(name: str, vit, x, batch: int, knobs: dict, args) -> dict:
         "speedup_over_gmacs_ratio": r["speedup"] / (g_dense / g_ats),
         # Ratio of 10th percentiles: the least-disturbed iterations, robust when the machine is shared.
         "speedup_p10": float(np.percentile(r["raw_dense_seconds"], 10) / np.percentile(r["raw_seconds"], 10)),
+        # Median of per-iteration ratios (each ATS iteration against the dense one next to it).
+        "speedup_pairs": float(np.median(np.asarray(r["raw_dense_seconds"]) / np.asarray(r["raw_seconds"]))),
         "ats_ms_p50": r["latency_ms_p50"],
         "dense_ms_p50": r["dense_latency_ms_p50"],
         "padding_waste": r["padding_waste"],
@@ -87,7 +96,8 @@ def row(name: str, vit, x, batch: int, knobs: dict, args) -> dict:
     }
     print(
         f"{name:12s} b={batch:<3d} {knobs!s:28s} gmacs {g_ats:.4f}/{g_dense:.4f} ratio {out['gmacs_ratio']:.3f}  "
-        f"speedup {out['speedup']:.3f} ({out['speedup_over_gmacs_ratio']:.2f} of ratio; p10 {out['speedup_p10']:.3f})  "
+        f"speedup {out['speedup']:.3f} ({out['speedup_over_gmacs_ratio']:.2f} of ratio; p10 {out['speedup_p10']:.3f}, "
+        f"pairs {out['speedup_pairs']:.3f})  "
         f"ats {out['ats_ms_p50']:.2f} ms dense {out['dense_ms_p50']:.2f} ms  waste {out['padding_waste']:.3f}  iters {out['iters']}",
         flush=True,
     )
