@@ -213,7 +213,8 @@ def method_weights(
         with reporter.bar(f"fine-tune {spec.id} {budgets_mod.label(train_knobs)}", epochs * data.steps_per_epoch) as bar:
             metrics = spec.train(model, data, settings, bar)
         path = cache.save(model.state_dict(), name, key, {"key": key_obj, **(metrics or {})})
-        reporter.print(f"{spec.id}: fine-tuned ({metrics}); saved {path}")
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
+        reporter.print(f"{spec.id}: fine-tuned {shown}; saved {path}")
     from safetensors.torch import load_file
 
     return load_file(str(path)), {"finetuned": True, "method_checkpoint": str(path), "method_checkpoint_sha256": cache.file_sha256(path)}
