@@ -2,7 +2,8 @@
 (the official masked execution), side by side in one process, each next to its GMACs ratio.
 
     .venv/bin/python tools/avit_speed.py                      # random weights, as in the issue note
-    .venv/bin/python tools/avit_speed.py --digits-checkpoint PATH  # a trained digits backbone / A-ViT
+    .venv/bin/python tools/avit_speed.py --digits-checkpoint PATH --digits-gate-center 20
+        # a fine-tuned A-ViT from the bench cache (~/.cache/bench/digits_vit-avit-*.safetensors)
 
 Random weights serve for speed: the gate centre is calibrated on the timing inputs so that the
 model keeps about ``--keep`` of the dense GMACs (about half the tokens halt). Speedup = ratio of
@@ -98,7 +99,9 @@ def main() -> None:
 
     vit = create_digits_vit().eval()
     if args.digits_checkpoint:
-        vit.load_state_dict(torch.load(args.digits_checkpoint, map_location="cpu", weights_only=True))
+        from methods.backbones import read_state_dict
+
+        vit.load_state_dict(read_state_dict(args.digits_checkpoint))
     x, _ = digits.make_split(digits.DigitsConfig(), "test", n=256)
     x = digits.normalize(x)
     scale = args.digits_gate_scale or (methods.avit.DEFAULT_GATE_SCALE if args.digits_checkpoint else 3.0)
