@@ -109,9 +109,10 @@ def halting_update(
     if active is not None:
         reached = reached & active
     go_on = cum < threshold
-    weight = torch.where(go_on, h, rem * reached)
+    zero = h.new_zeros(())
+    weight = torch.where(go_on, h, torch.where(reached, rem, zero))
     out = out + weight.unsqueeze(-1) * (x if x.dtype == out.dtype else x.to(out.dtype))
-    rem = rem - h * go_on
+    rem = torch.where(go_on, rem - h, rem)
     return cum, rem, out, reached, go_on
 
 
@@ -332,7 +333,7 @@ class AViT(TracedViT):
                 actives.append(active.view(B, N))
             rho = rho + active.to(f32)
             cum, rem, out, reached, go_on = halting_update(cum, rem, out, h, x, active, eps)
-            rho = rho + rem * reached
+            rho = rho + torch.where(reached, rem, 0.0)
             counter = counter + go_on.to(torch.int64)
             active = go_on
         out = out.view(B, N, C)
@@ -393,7 +394,7 @@ class AViT(TracedViT):
             if want_aux:  # corrected per-layer mass: patch tokens only, halted ones count 0
                 patch = (flat % N >= prefix).to(f32)
                 mass.append((h_raw * patch).sum() / (B * (N - prefix)))
-                ponder_sum = ponder_sum + rows + (rem * reached).sum()
+                ponder_sum = ponder_sum + rows + torch.where(reached, rem, 0.0).sum()
             if last:
                 done = None
             else:
@@ -403,9 +404,10 @@ class AViT(TracedViT):
             # Tokens that halted (or, at the last block, all that are left) leave the packed rows.
             gone = flat if done is None else flat.index_select(0, done)
             depths.index_fill_(0, gone, l + 1)
-            rem_done = rem * reached
             final.index_copy_(0, gone, out if done is None else out.index_select(0, done))
-            rem_final.index_copy_(0, gone, rem_done if done is None else rem_done.index_select(0, done))
+            # remainder counted in rho only where the token reached the threshold (METHODS.md 1.2)
+            rem_done = rem if done is None else rem.index_select(0, done)
+            rem_final.index_copy_(0, gone, rem_done if done is None else torch.where(reached.index_select(0, done), rem_done, 0.0))
             if last:
                 break
             kept = go_on.nonzero().squeeze(1)
@@ -432,10 +434,25 @@ class AViT(TracedViT):
         levels = torch.arange(depth, device=depths.device)
         return (depths.unsqueeze(-1) > levels).sum(dim=1)
 
+    def _gmacs_table(self) -> tuple[torch.Tensor, float]:
+        """GMACs of one block for 0..N tokens, and of everything outside the blocks (cached): the
+        closed form of ``methods.macs`` evaluated once, so a forward at batch 1 pays one lookup."""
+        cached = self.__dict__.get("_avit_gmacs_table")
+        if cached is None:
+            shape = self.bench_shape
+            counts = torch.arange(shape.num_tokens + 1, dtype=torch.float64)
+            fixed = shape.embed_macs + shape.final(1 if self._cls_only() else shape.num_tokens)
+            cached = (shape.block(counts) / 1e9, float(fixed) / 1e9)
+            self.__dict__["_avit_gmacs_table"] = cached
+        return cached
+
     def _record(self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float) -> None:
-        shape = self.bench_shape
-        n_final = torch.full((tokens.shape[0],), 1 if self._cls_only() else shape.num_tokens, dtype=torch.float64)
-        gmacs = shape.gmacs_from_tokens(tokens.cpu(), n_final)
+        table, fixed = self._gmacs_table()
+        tokens = tokens.cpu()
+        if int(tokens.max()) < len(table):
+            gmacs = table[tokens].sum(dim=1) + fixed
+        else:  # more tokens than the model was built for (e.g. a dynamic image size)
+            gmacs = self.bench_shape.gmacs_from_tokens(tokens, torch.full((len(tokens),), 1.0 if self._cls_only() else float(tokens.shape[1])))
         self.record(
             tokens.cpu(),
             gmacs=gmacs,

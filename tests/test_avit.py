@@ -328,7 +328,7 @@ def test_training_moves_mean_depth_toward_the_target(vit):
     """Ponder + prior losses pull the mean depth down to a shallow target within a few steps;
     the same steps with both weights at 0 (task loss only) leave the tokens much deeper."""
     torch.manual_seed(2)
-    batches = [(torch.randn(16, 1, 64, 64), torch.randint(0, 10, (16,))) for _ in range(6)]
+    batches = [(torch.randn(16, 1, 64, 64), torch.randint(0, 10, (16,))) for _ in range(4)]
     data = methods.TrainData(
         batches=lambda epoch: iter(batches), steps_per_epoch=len(batches), val_batches=lambda: iter(batches[:2]), num_classes=10
     )
@@ -342,7 +342,7 @@ def test_training_moves_mean_depth_toward_the_target(vit):
         model.bench_knobs["gate_center"] = 7.0
         progress = _Progress()
         result = avit.train(model, data, {**settings, **weights}, progress)
-        assert progress.steps == 12 and result["history"][-1]["epoch"] == 2 and progress.notes
+        assert progress.steps == 8 and result["history"][-1]["epoch"] == 2 and progress.notes
         assert model.bench_mode == "compact" and model.bench_knobs["gate_center"] == 7.0  # restored
         assert not model.training
         depth[name] = result["val_mean_depth"]  # measured at the training gate centre
