@@ -49,6 +49,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (timing sample choice, anything random at evaluation)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     retrain: bool = typer.Option(False, "--retrain", help="Train the backbone (and fine-tuned methods) even if cached or shipped."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Videos: count and skip unreadable files (named in the manifest) instead of stopping."),
     config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read (default: ./bench.toml, then the project's)."),
     reports: str = typer.Option("reports", "--reports", help="Folder for the report written at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -61,7 +62,7 @@ def run(
 
     flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint,
                  device=device, batch_sizes=batch_sizes, precision=precision, out=out, seed=seed, threads=threads,
-                 retrain=retrain or None)
+                 retrain=retrain or None, skip_corrupt=skip_corrupt or None)
     if budgets:
         flags["budgets"] = budgets_mod.parse_cli(budgets)
     if batch_sizes:
@@ -71,7 +72,7 @@ def run(
             raise UsageError(f"--batch-sizes '{batch_sizes}' must be a comma list of integers, e.g. 1,32") from None
     cfg = config_mod.resolve(profile, config, **flags)
     if resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in ("retrain", "out")]
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in ("retrain", "out", "skip_corrupt")]
         if given:
             raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
     reporter = _reporter(quiet)
@@ -207,8 +208,10 @@ def train(
 
     cfg = config_mod.resolve(profile, config, retrain=True)
     reporter = _reporter(quiet)
-    if cfg.dataset != "digits" or cfg.backbone != "digits_vit":
-        raise UsageError("bench train works on the embedded default (dataset digits, backbone digits_vit)")
+    from . import datasets
+
+    if not datasets.is_embedded(cfg):
+        raise UsageError("bench train works on the embedded defaults (dataset digits with digits_vit, digits_video with digits_video_vit)")
     vit = runner.create_backbone(cfg)
     if target == "backbone":
         key = cache.config_key(runner.backbone_key(cfg))

@@ -36,6 +36,7 @@ PROFILE_SCHEMA: dict[str, Any] = {
     "threads": int,
     "eval_batch_size": int,
     "test_samples": int,
+    "skip_corrupt": bool,
     "out": str,
     "timing": (
         "table",
@@ -60,8 +61,12 @@ PROFILE_SCHEMA: dict[str, Any] = {
             "n_val": int,
             "n_test": int,
             "seed": int,
+            "frames": int,  # video default (digits_video) only
+            "speed": ("list", NUMBER),  # video default: pixels per frame
         },
     ),
+    # Test-time sampling of real videos (bench/data/kinetics.py); frames and crop size come from the backbone.
+    "video": ("table", {"stride": int, "clips": int, "crops": int, "short_side": int}),
     "model": ("table", {"embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": NUMBER, "img_size": int}),
     "train": (
         "table",
@@ -231,6 +236,8 @@ class RunConfig:
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     retrain: bool = False
+    video: dict = field(default_factory=dict)
+    skip_corrupt: bool = False
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -274,6 +281,8 @@ def resolve(profile_name: str, config_path: Path | None = None, **flags: Any) ->
         model=dict(p.get("model", {})) if over.get("backbone", p.get("backbone")) == p.get("backbone") else {},
         train=dict(p.get("train", {})),
         retrain=bool(over.get("retrain", False)),
+        video=dict(p.get("video", {})),
+        skip_corrupt=bool(over.get("skip_corrupt", p.get("skip_corrupt", False))),
     )
     if "budgets" in over:
         cfg.budgets.update(over["budgets"])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import digits
+from .data import digits, moving_digits
 from .errors import UsageError
 
 
@@ -20,6 +20,7 @@ class EvalSet:
     name: str = ""
     num_classes: int = 0
     info: dict
+    views: int | None = None  # video sets: views per video (batches hold B * views clips); None for images
 
     @property
     def n(self) -> int:
@@ -96,6 +97,39 @@ def digits_config(cfg: RunConfig) -> digits.DigitsConfig:
         raise UsageError(f"{cfg.config_path}: bad [digits] table ({e})") from None
 
 
+def moving_digits_config(cfg: RunConfig) -> moving_digits.MovingDigitsConfig:
+    d = dict(cfg.digits)
+    for k in ("digit_size", "clutter", "fragment_size", "speed", "split_fractions"):
+        if k in d:
+            d[k] = tuple(d[k])
+    try:
+        return moving_digits.MovingDigitsConfig(**d)
+    except TypeError as e:
+        raise UsageError(f"{cfg.config_path}: bad [digits] table for the video data set ({e})") from None
+
+
+# Embedded data sets (trained and cached by the harness): id -> (their backbone, data module with
+# make_split / normalize, config from the profile's [digits] table).
+EMBEDDED = {
+    "digits": ("digits_vit", digits, digits_config),
+    "digits_video": ("digits_video_vit", moving_digits, moving_digits_config),
+}
+
+
+def is_embedded(cfg: RunConfig) -> bool:
+    """The data set and backbone of an embedded default, which the harness can train."""
+    return cfg.dataset in EMBEDDED and cfg.backbone == EMBEDDED[cfg.dataset][0]
+
+
+def embedded_config(cfg: RunConfig):
+    """The data recipe of the run's embedded data set (the image default's for other data sets)."""
+    return EMBEDDED.get(cfg.dataset, EMBEDDED["digits"])[2](cfg)
+
+
+def embedded_data(cfg: RunConfig):
+    return EMBEDDED.get(cfg.dataset, EMBEDDED["digits"])[1]
+
+
 def _digits_model_kwargs(cfg: RunConfig) -> dict:
     return {"num_classes": 10, "in_chans": 1, "img_size": digits_config(cfg).canvas}
 
@@ -133,9 +167,43 @@ def _load_imagenet(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
     return FolderEvalSet("imagenet", items, transform, data_cfg["input_size"], 1000, info, workers)
 
 
+def _load_digits_video(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+    if cfg.data is not None:
+        raise UsageError("data set 'digits_video' is embedded and takes no --data path; drop --data or pick another --dataset")
+    dc = moving_digits_config(cfg)
+    x, y = moving_digits.make_split(dc, "test")
+    if cfg.test_samples:
+        x, y = x[: cfg.test_samples], y[: cfg.test_samples]
+    info = {"split": "test", "n": int(len(y)), "empty_tubelet_share": round(moving_digits.empty_tubelet_fraction(x), 4),
+            "views": 1, **dc.key()}
+    evalset = TensorEvalSet("digits_video", moving_digits.normalize(x), y, 10, info)
+    evalset.views = 1
+    return evalset
+
+
+def _moving_digits_model_kwargs(cfg: RunConfig) -> dict:
+    dc = moving_digits_config(cfg)
+    return {"num_classes": 10, "in_chans": 1, "img_size": dc.canvas, "num_frames": dc.frames}
+
+
+def _kinetics(num_classes: int):
+    def load(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+        from .video import load_kinetics
+
+        return load_kinetics(cfg, vit, num_classes)
+
+    return load
+
+
 # id -> (description, loader(cfg, backbone) -> EvalSet, backbone kwargs(cfg))
 DATASETS = {
     "digits": ("embedded: cluttered handwritten digits from scikit-learn on a 64x64 canvas", _load_digits, _digits_model_kwargs),
+    "digits_video": ("embedded: handwritten digits moving over a cluttered 32x32 canvas, 8 frames", _load_digits_video,
+                     _moving_digits_model_kwargs),
+    "kinetics400": ("Kinetics-400 videos (--data: <class>/*.mp4 folders, or the official CSV + <youtube_id>_<start>_<end>.mp4)",
+                    _kinetics(400), lambda cfg: {"num_classes": 400}),
+    "kinetics600": ("Kinetics-600 videos (same layouts; class list from the CSV or a classes.txt)", _kinetics(600),
+                    lambda cfg: {"num_classes": 600}),
     "imagenet": ("ImageNet-1k validation images (--data: val/<wnid>/*.JPEG, or flat files + label file)", _load_imagenet, lambda cfg: {}),
 }
 
@@ -144,7 +212,7 @@ def check(cfg: RunConfig) -> None:
     if cfg.dataset not in DATASETS:
         raise UsageError(f"unknown data set '{cfg.dataset}'; known: {', '.join(DATASETS)} (`bench list datasets`)")
     if cfg.data is not None and not Path(cfg.data).expanduser().exists():
-        raise UsageError(f"data path {cfg.data} does not exist; pass --data to a folder of images")
+        raise UsageError(f"data path {cfg.data} does not exist; pass --data to a folder of images or videos")
 
 
 def model_kwargs(cfg: RunConfig) -> dict:

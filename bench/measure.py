@@ -50,6 +50,8 @@ class EvalResult:
     gmacs: np.ndarray  # (n,) per sample
     tokens: np.ndarray  # (n, depth) tokens entering each block
     extras: dict = field(default_factory=dict)
+    views: int | None = None  # video sets: views per video; gmacs is then per view (mean over the video's views)
+
 
     def summary(self) -> dict:
         k1, k5 = int(self.correct1.sum()), int(self.correct5.sum())
@@ -67,6 +69,7 @@ class EvalResult:
             "gmacs_p50": float(np.percentile(self.gmacs, 50)),
             "gmacs_p90": float(np.percentile(self.gmacs, 90)),
             "tokens_per_block": [round(float(v), 3) for v in self.tokens.mean(axis=0)],
+            **({"views": self.views, "gmacs_per_video": float(self.gmacs.mean() * self.views)} if self.views else {}),
         }
 
 
@@ -79,8 +82,13 @@ def evaluate(
     precision: str,
     reporter: Reporter = QUIET,
     label: str = "evaluate",
+    views: int | None = None,
 ) -> EvalResult:
+    """One pass over ``batches``. With ``views`` (video sets), a batch holds B videos x ``views``
+    clips: predictions are the views' softmax scores averaged per video (mmaction2's
+    ``average_clips='prob'``), per-sample gmacs and tokens the mean over a video's views."""
     model.eval()
+    v = views or 1
     c1, c5, gm, tok = [], [], [], []
     with reporter.bar(label, total) as bar:
         for x, y in batches:
@@ -88,11 +96,14 @@ def evaluate(
             with autocast(device, precision):
                 logits = model(x)
             tr = methods.trace(model)
-            top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
+            scores = logits.float()
+            if v > 1:
+                scores = scores.softmax(-1).view(-1, v, scores.shape[-1]).mean(1)
+            top = scores.topk(min(5, scores.shape[-1]), dim=-1).indices.cpu()
             c1.append((top[:, 0] == y).numpy())
             c5.append((top == y[:, None]).any(dim=1).numpy())
-            gm.append(tr.gmacs.cpu().numpy())
-            tok.append(tr.tokens.cpu().numpy())
+            gm.append(tr.gmacs.cpu().view(-1, v).mean(1).numpy())
+            tok.append(tr.tokens.cpu().double().view(-1, v, tr.tokens.shape[-1]).mean(1).numpy())
             bar.advance(len(y))
     return EvalResult(
         n=int(sum(len(a) for a in c1)),
@@ -100,6 +111,7 @@ def evaluate(
         correct5=np.concatenate(c5),
         gmacs=np.concatenate(gm),
         tokens=np.concatenate(tok),
+        views=views,
     )
 
 

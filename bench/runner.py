@@ -20,7 +20,6 @@ from methods.backbones import CheckpointError, load_checkpoint
 from . import budgets as budgets_mod
 from . import cache, datasets, measure
 from .config import RunConfig
-from .data import digits
 from .errors import UsageError
 from .progress import Reporter
 from .store import Run, cell_key
@@ -109,7 +108,7 @@ def backbone_key(cfg: RunConfig) -> dict:
     return {
         "backbone": cfg.backbone,
         "model": cfg.model,
-        "digits": datasets.digits_config(cfg).key(),
+        "digits": datasets.embedded_config(cfg).key(),
         "train": train_config(cfg).key(),
     }
 
@@ -123,7 +122,8 @@ def create_backbone(cfg: RunConfig) -> nn.Module:
         vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise UsageError(f"unknown backbone '{cfg.backbone}'; use a timm VisionTransformer name (e.g. deit_small_patch16_224) or digits_vit") from None
+            raise UsageError(f"unknown backbone '{cfg.backbone}'; use a timm VisionTransformer name (e.g. deit_small_patch16_224), "
+                             "digits_vit, digits_video_vit or videomae_vit_base_patch16_224") from None
         raise
     except TypeError as e:
         raise UsageError(f"backbone '{cfg.backbone}' does not take these [model] settings: {e}") from None
@@ -146,13 +146,13 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
         except CheckpointError as e:
             raise UsageError(str(e)) from None
         return vit.eval(), {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path)}
-    if cfg.dataset != "digits" or cfg.backbone != "digits_vit":
+    if not datasets.is_embedded(cfg):
         raise UsageError(
             f"no checkpoint for backbone '{cfg.backbone}' on '{cfg.dataset}': pass --checkpoint PATH "
             "(weights are never downloaded) or --checkpoint random for speed-only runs"
         )
     key = cache.config_key(backbone_key(cfg))
-    path = None if cfg.retrain else cache.find("digits_vit", key)
+    path = None if cfg.retrain else cache.find(cfg.backbone, key)
     if path is None:
         path = train_backbone(cfg, vit, key, reporter)
     else:
@@ -164,28 +164,29 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
 def train_backbone(cfg: RunConfig, vit: nn.Module, key: str, reporter: Reporter, folder: Path | None = None) -> Path:
     tc = train_config(cfg)
     reporter.print(f"backbone: no cached checkpoint for this configuration (key {key}); training {cfg.backbone} ({tc.epochs} epochs)")
-    metrics = train_digits_backbone(vit, datasets.digits_config(cfg), tc, reporter)
+    metrics = train_digits_backbone(vit, datasets.embedded_config(cfg), tc, reporter, data=datasets.embedded_data(cfg))
     meta = {"key": backbone_key(cfg), "val_top1": metrics["val_top1"], "train_seconds": round(metrics["train_seconds"], 1)}
-    path = cache.save(vit.state_dict(), "digits_vit", key, meta, folder)
+    path = cache.save(vit.state_dict(), cfg.backbone, key, meta, folder)
     reporter.print(f"backbone: val top-1 {metrics['val_top1']:.2%} after {metrics['train_seconds']:.0f} s; saved {path}")
     return path
 
 
 def method_train_data(cfg: RunConfig, device: torch.device, batch_size: int) -> methods.TrainData:
-    dc = datasets.digits_config(cfg)
+    dc = datasets.embedded_config(cfg)
+    data = datasets.embedded_data(cfg)  # bench.data.digits, or moving_digits for the video default
     steps = -(-dc.n_train // batch_size)
 
     def batches(epoch: int):
-        x, y = digits.make_split(dc, "train", epoch=10_000 + epoch)
+        x, y = data.make_split(dc, "train", epoch=10_000 + epoch)
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
         for i in range(steps):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            yield digits.normalize(x[idx]).to(device), y[idx].to(device)
+            yield data.normalize(x[idx]).to(device), y[idx].to(device)
 
     def val_batches():
-        x, y = digits.make_split(dc, "val")
+        x, y = data.make_split(dc, "val")
         for i in range(0, len(y), 256):
-            yield digits.normalize(x[i : i + 256]).to(device), y[i : i + 256].to(device)
+            yield data.normalize(x[i : i + 256]).to(device), y[i : i + 256].to(device)
 
     return methods.TrainData(batches=batches, steps_per_epoch=steps, val_batches=val_batches, num_classes=10)
 
@@ -198,7 +199,7 @@ def method_weights(
         return None, {}
     settings = dict(spec.train_settings)
     train_knobs = {k: knobs.get(k, spec.knob(k).default) for k in spec.train_knobs}
-    if cfg.dataset != "digits" or cfg.backbone != "digits_vit" or cfg.checkpoint:
+    if not datasets.is_embedded(cfg) or cfg.checkpoint:
         reporter.print(f"[yellow]{spec.id}: fine-tuning runs only on the embedded default here; evaluating without it")
         return None, {"finetuned": False}
     key_obj = {"backbone": backbone_info.get("checkpoint_key", backbone_info.get("checkpoint_sha256")), "method": spec.id,
@@ -287,7 +288,7 @@ def new_manifest(cfg: RunConfig, argv: list[str]) -> dict:
         "versions": versions(),
         "git": git_commit(),
         "threads": torch.get_num_threads(),
-        "seeds": {"run": cfg.seed, "train": train_config(cfg).seed, "data": datasets.digits_config(cfg).seed},
+        "seeds": {"run": cfg.seed, "train": train_config(cfg).seed, "data": datasets.embedded_config(cfg).seed},
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE") if k in os.environ},
     }
 
@@ -297,7 +298,9 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     root = Path(cfg.out)
     if resume:
         run = Run.find(root, resume)
+        skip_corrupt = cfg.skip_corrupt  # the one flag a resume may add: a run stopped by a corrupt video
         cfg = RunConfig.from_dict(run.manifest()["config"])
+        cfg.skip_corrupt = cfg.skip_corrupt or skip_corrupt
         reporter.print(f"resuming run {run.path} ({len(run.records())} cells already done)")
     method_ids, devices = validate(cfg)
     if cfg.threads:
@@ -338,6 +341,9 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
         run.write_manifest(manifest)
         raise
     manifest = run.manifest()
+    if getattr(evalset, "skipped", None):  # --skip-corrupt: which videos, and why
+        manifest["dataset"]["skipped_corrupt"] = evalset.skipped
+        reporter.print(f"[yellow]skipped {len(evalset.skipped)} unreadable video(s): {', '.join(list(evalset.skipped)[:3])}")
     manifest["status"] = "complete"
     manifest["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     run.write_manifest(manifest)
@@ -366,7 +372,7 @@ def _run_groups(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, b
         reference = references.get(ref_key) if g.method != "deit" else None
         name = f"{g.method} {g.budget}"
         result = measure.evaluate(model, evalset.batches(cfg.eval_batch_size), evalset.n, g.device, g.precision, reporter,
-                                  label=f"eval {name}")
+                                  label=f"eval {name}", views=evalset.views)
         summary = result.summary()
         inputs = timing_cpu.to(g.device)
         for bs in todo:
@@ -398,6 +404,7 @@ def _run_groups(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, b
                 "threads": torch.get_num_threads(),
                 "param_count_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
                 **summary,
+                **({"skipped_videos": len(evalset.skipped)} if hasattr(evalset, "skipped") else {}),
                 "dense_gmacs": dense_gmacs,
                 "gmacs_ratio": summary["gmacs"] / dense_gmacs,
                 **t,

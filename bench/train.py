@@ -33,11 +33,11 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256, data=digits) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(labels), batch_size):
-        logits = model(digits.normalize(images[i : i + batch_size]))
+        logits = model(data.normalize(images[i : i + batch_size]))
         correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
     return correct / max(1, len(labels))
 
@@ -48,8 +48,10 @@ def train_digits_backbone(
     cfg: TrainConfig,
     reporter: Reporter = QUIET,
     n_train: int | None = None,
+    data=digits,
 ) -> dict:
-    """Train ``model`` in place on digits canvases; returns what was measured."""
+    """Train ``model`` in place on digits canvases (``data``: the module of an embedded data set,
+    :mod:`bench.data.digits` or :mod:`bench.data.moving_digits`); returns what was measured."""
     torch.manual_seed(cfg.seed)
     n_train = n_train or data_cfg.n_train
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -59,19 +61,19 @@ def train_digits_backbone(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     )
-    val_x, val_y = digits.make_split(data_cfg, "val")
+    val_x, val_y = data.make_split(data_cfg, "val")
     history = []
     start = time.perf_counter()
     with reporter.bar("train backbone", total) as bar:
         for epoch in range(cfg.epochs):
-            x, y = digits.make_split(data_cfg, "train", n=n_train, epoch=epoch + 1000 * cfg.seed)
+            x, y = data.make_split(data_cfg, "train", n=n_train, epoch=epoch + 1000 * cfg.seed)
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
             order = torch.randperm(n_train, generator=gen)
             model.train()
             running = 0.0
             for i in range(steps_per_epoch):
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                logits = model(digits.normalize(x[idx]))
+                logits = model(data.normalize(x[idx]))
                 loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -80,7 +82,7 @@ def train_digits_backbone(
                 sched.step()
                 running += loss.item()
                 bar.advance()
-            val_acc = accuracy(model, val_x, val_y)
+            val_acc = accuracy(model, val_x, val_y, data=data)
             history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_top1": val_acc})
             bar.note(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.3f}, val {val_acc:.1%}")
     model.eval()

@@ -95,7 +95,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} cannot be loaded safely (weights_only=True refused it: {str(e).splitlines()[0][:160]}); "
             "re-save it as a plain state dict or .safetensors"
         ) from None
-    for key in ("state_dict_ema", "model_ema", "model", "state_dict"):
+    for key in ("state_dict_ema", "model_ema", "model", "module", "state_dict"):  # "module": VideoMAE
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
@@ -107,6 +107,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load strictly; a mismatch lists the missing and unexpected keys (METHODS.md section 6)."""
     state = read_state_dict(path)
+    convert = getattr(model, "checkpoint_filter", None)  # e.g. VideoMAE keys -> timm keys (methods/video.py)
+    if convert is not None:
+        state = convert(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -15,6 +15,7 @@ per-sample GMACs without touching the model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -95,12 +96,11 @@ class ViTShape:
 
 
 def _leaf_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return out[0].numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):  # Conv3d: video tubelet embeddings
+        return out[0].numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, nn.Linear):
         return (out[0].numel() // module.out_features) * module.in_features * module.out_features
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return inp[0].numel() * (2 if module.affine else 1)
     if isinstance(module, nn.LayerNorm):
         return inp[0].numel() * (5 if module.elementwise_affine else 4)
@@ -146,9 +146,10 @@ def vit_shape(vit: nn.Module) -> ViTShape:
     mlp_hidden = blk.mlp.fc1.out_features
     pe = vit.patch_embed
     in_chans = _first_conv_in_channels(pe)
-    h, w = pe.img_size
+    # (C, H, W) for images; (C, T, H, W) for a video tubelet embedding (methods/video.py)
+    sample = (in_chans, *getattr(pe, "input_shape", pe.img_size))
     param = next(vit.parameters())
-    example = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
+    example = torch.zeros(1, *sample, device=param.device, dtype=param.dtype)
     embed_macs = _module_macs(pe, example)
     head_macs = 0
     fc_norm = getattr(vit, "fc_norm", nn.Identity())
@@ -175,6 +176,6 @@ def vit_shape(vit: nn.Module) -> ViTShape:
 
 def _first_conv_in_channels(module: nn.Module) -> int:
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             return m.in_channels
-    raise ValueError("the patch embedding has no Conv2d; cannot infer its input channels")
+    raise ValueError("the patch embedding has no Conv2d or Conv3d; cannot infer its input channels")
