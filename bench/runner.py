@@ -255,6 +255,17 @@ def plan(cfg: RunConfig, method_ids: list[str], devices: list[torch.device]) -> 
     return groups
 
 
+def check_methods_fit(cfg: RunConfig, groups: list[Group], vit: nn.Module) -> None:
+    """Build each method once on the (untrained) backbone, so that one that cannot adapt it (e.g.
+    ATS on a video ViT without a CLS token) fails before any training or measuring."""
+    for method in dict.fromkeys(g.method for g in groups):
+        g = next(g for g in groups if g.method == method)
+        try:
+            methods.build(g.method, vit, mode=g.mode, **g.knobs)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"method '{method}' cannot run on backbone '{cfg.backbone}' ({e}); choose others with --methods") from None
+
+
 def git_commit() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -314,6 +325,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     vit = create_backbone(cfg)
     evalset = datasets.load(cfg, vit)
     groups = plan(cfg, method_ids, devices)
+    check_methods_fit(cfg, groups, vit)
     vit, backbone_info = prepare_backbone(cfg, vit, reporter)
     if resume:
         recorded = run.manifest().get("checkpoint_sha256")

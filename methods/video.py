@@ -160,19 +160,18 @@ def digits_video_vit(pretrained: bool = False, **kwargs) -> VideoVisionTransform
     return _create(pretrained, "digits_video_vit", **{**args, **kwargs})
 
 
-def _videomae(name: str, pretrained: bool, embed_dim: int, depth: int, num_heads: int, **kwargs) -> VideoVisionTransformer:
+def _videomae(name: str, pretrained: bool, size: dict, **kwargs) -> VideoVisionTransformer:
     """VideoMAE's fine-tuning ViT: no CLS token, mean pooling + fc_norm, 16x224x224, 2x16x16 tubelets."""
-    args = dict(img_size=224, patch_size=16, in_chans=3, num_classes=400, num_frames=16, tubelet_size=2,
-                embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
-                class_token=False, global_pool="avg", fc_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    return _create(pretrained, name, **{**args, **kwargs})
+    args = dict(img_size=224, patch_size=16, in_chans=3, num_classes=400, num_frames=16, tubelet_size=2, mlp_ratio=4.0,
+                qkv_bias=True, class_token=False, global_pool="avg", fc_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return _create(pretrained, name, **{**args, **size, **kwargs})
 
 
 @register_model
 def videomae_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> VideoVisionTransformer:
-    return _videomae("videomae_vit_small_patch16_224", pretrained, 384, 12, 6, **kwargs)
+    return _videomae("videomae_vit_small_patch16_224", pretrained, dict(embed_dim=384, depth=12, num_heads=6), **kwargs)
 
 
 @register_model
 def videomae_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> VideoVisionTransformer:
-    return _videomae("videomae_vit_base_patch16_224", pretrained, 768, 12, 12, **kwargs)
+    return _videomae("videomae_vit_base_patch16_224", pretrained, dict(embed_dim=768, depth=12, num_heads=12), **kwargs)

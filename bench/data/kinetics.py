@@ -70,7 +70,7 @@ def class_list(num_classes: int, root: Path, csv_labels: list[str] | None = None
                 raise LayoutError(f"{cand} lists {len(names)} classes; Kinetics-{num_classes} needs {num_classes}")
             return names
     if num_classes in CLASS_LISTS:
-        return CLASS_LISTS[num_classes].read_text().split("\n")[:num_classes]
+        return CLASS_LISTS[num_classes].read_text().splitlines()
     if csv_labels is not None and len(set(csv_labels)) == num_classes:
         return sorted(set(csv_labels))
     raise LayoutError(
