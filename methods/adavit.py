@@ -453,7 +453,7 @@ class AdaViT(TracedViT):
                 start = torch.cumsum(t, 0) - t
                 shift = (torch.arange(Bs, device=yp.device) * T - start).repeat_interleave(t)
                 dest = torch.arange(S, device=yp.device) + shift
-                qkv3 = qkv3.new_zeros(Bs * T, 3 * cu).index_copy(0, dest, qkv3)
+                qkv3 = qkv3.new_zeros(Bs * T, 3 * cu).index_copy_(0, dest, qkv3)
                 mask = (torch.arange(T, device=yp.device)[None, :] < t[:, None])[:, None, None, :]
             q, k, v = qkv3.reshape(Bs, T, 3, nu, d).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = attn.q_norm(q), attn.k_norm(k)

@@ -382,7 +382,7 @@ class _Packed(NamedTuple):
 
 def _unpack(rows: torch.Tensor, packed: _Packed, b: int) -> torch.Tensor:
     """(T, F) packed rows -> (B, L, F), zeros on padding."""
-    out = rows.new_zeros(b * packed.length, rows.shape[-1]).index_copy(0, packed.pad_index, rows)
+    out = rows.new_zeros(b * packed.length, rows.shape[-1]).index_copy_(0, packed.pad_index, rows)
     return out.view(b, packed.length, -1)
 
 
