@@ -86,6 +86,8 @@ def run(
             raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
     reporter = _reporter(quiet)
     result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     records = result.records()
     _summary(records, result)
     _paper_table(records, result)

@@ -300,8 +300,9 @@ def new_manifest(cfg: RunConfig, argv: list[str]) -> dict:
     }
 
 
-def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv: list[str] | None = None) -> Run:
-    """Run (or finish) a benchmark; returns the run. KeyboardInterrupt propagates after saving."""
+def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv: list[str] | None = None) -> Run | None:
+    """Run (or finish) a benchmark; returns the run (None on torchrun ranks other than 0).
+    KeyboardInterrupt propagates after saving."""
     root = Path(cfg.out)
     if resume:
         run = Run.find(root, resume)
