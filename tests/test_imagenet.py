@@ -2,7 +2,6 @@
 (overridable), grayscale and tiny images, corrupt files (stop by path, or --skip-corrupt), and
 `bench run --profile imagenet` printing the papers' numbers beside ours."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +43,19 @@ min_iters = 2
 max_iters = 2
 min_seconds = 0.0
 timing_samples = 4
+memory_iters = 1
+"""
+
+QUICK_TIMING = """
+[profiles.imagenet-quick]
+extends = "imagenet"
+
+[profiles.imagenet-quick.timing]
+warmup_iters = 1
+min_iters = 2
+max_iters = 2
+min_seconds = 0.0
+timing_samples = 2
 memory_iters = 1
 """
 
@@ -136,23 +148,37 @@ def test_eval_transform_comes_from_the_timm_config_and_can_be_overridden(tmp_pat
         datasets.load(cfg, vit)
 
 
-def _cli(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "bench", "run", "--config", str(tmp_path / "bench.toml"), "--profile", "tiny",
-                           "--out", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), "-q", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``bench ARGS`` in this process (the console script's own entry point): exit code, stdout, stderr."""
+    from bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_corrupt_image_stops_the_run_by_path_or_is_skipped_and_counted(tmp_path, class_folders):
+def _cli(tmp_path, monkeypatch, capsys, *args):
+    return _main(monkeypatch, capsys, "run", "--config", str(tmp_path / "bench.toml"), "--profile", "tiny",
+                 "--out", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), "-q", *args)
+
+
+def test_corrupt_image_stops_the_run_by_path_or_is_skipped_and_counted(tmp_path, class_folders, monkeypatch, capsys):
     bad = class_folders / "val" / "n01443537" / "n01443537_broken.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (tmp_path / "bench.toml").write_text(TINY_TOML)
-    out = _cli(tmp_path, "--data", str(class_folders))
-    assert out.returncode == 2
-    assert str(bad) in out.stderr and "--skip-corrupt" in out.stderr and "Traceback" not in out.stderr
+    code, _, err = _cli(tmp_path, monkeypatch, capsys, "--data", str(class_folders))
+    assert code == 2
+    assert str(bad) in err.replace("\n", "") and "--skip-corrupt" in err and "Traceback" not in err
 
-    out = _cli(tmp_path, "--data", str(class_folders), "--skip-corrupt")
-    assert out.returncode == 0, out.stderr
-    assert "skipped 1 unreadable image" in out.stderr
+    code, _, err = _cli(tmp_path, monkeypatch, capsys, "--data", str(class_folders), "--skip-corrupt")
+    assert code == 0, err
+    assert "skipped 1 unreadable image" in err
     run = sorted((tmp_path / "results").iterdir())[-1]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["dataset"]["skipped_corrupt"] == 1 and manifest["dataset"]["skipped_files"] == [str(bad)]
@@ -168,20 +194,19 @@ def test_paper_numbers_sit_beside_ours():
     assert beside([{**recs[0], "backbone": "digits_vit"}]) == []
 
 
-def test_imagenet_profile_prints_the_paper_number(tmp_path):
+def test_imagenet_profile_prints_the_paper_number(tmp_path, monkeypatch, capsys):
     """`bench run --profile imagenet` on the shared photos with DeiT-T (random weights: the
     numbers mean nothing, the table and its paper column must be there)."""
     if not (MINI / "val").is_dir():
         pytest.skip(f"shared fixtures absent: {MINI}")
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "run", "--profile", "imagenet", "--data", str(MINI / "val"), "--methods", "deit",
-         "--backbone", "deit_tiny_patch16_224", "--checkpoint", "random", "--batch-sizes", "1", "--precision", "fp32",
-         "--out", str(tmp_path / "r"), "--reports", str(tmp_path / "rep"), "-q"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "COLUMNS": "200"},
-    )
-    assert out.returncode == 0, out.stderr
-    assert "paper (METHODS.md section 5)" in out.stdout and "72.20" in out.stdout and "DeiT-T, DeiT paper" in out.stdout
+    toml = tmp_path / "bench.toml"  # the project's profiles plus `imagenet` with test-length timing
+    toml.write_text((ROOT / "bench.toml").read_text() + QUICK_TIMING)
+    code, out, err = _main(monkeypatch, capsys, "run", "--config", str(toml), "--profile", "imagenet-quick",
+                           "--data", str(MINI / "val"), "--methods", "deit",
+                           "--backbone", "deit_tiny_patch16_224", "--checkpoint", "random", "--batch-sizes", "1",
+                           "--precision", "fp32", "--out", str(tmp_path / "r"), "--reports", str(tmp_path / "rep"), "-q")
+    assert code == 0, err
+    assert "paper (METHODS.md section 5)" in out and "72.20" in out and "DeiT-T, DeiT paper" in out
     run = sorted((tmp_path / "r").iterdir())[-1]
     rec = json.loads((run / "records.jsonl").read_text().splitlines()[0])
     assert rec["n_samples"] == 32 and rec["dataset"] == "imagenet"
