@@ -180,9 +180,25 @@ def transform_overrides(cfg: RunConfig) -> dict:
     return t
 
 
+def _load_synthetic(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+    """Seeded random images of the backbone's input size with random labels: speed and compute only,
+    for machines without the data (a GPU measured with ``--checkpoint random``)."""
+    from timm.data import resolve_data_config
+
+    if cfg.data is not None:
+        raise UsageError("data set 'synthetic' is generated and takes no --data path")
+    size = tuple(resolve_data_config(transform_overrides(cfg), model=vit)["input_size"])
+    n = cfg.test_samples or 512
+    gen = torch.Generator().manual_seed(cfg.seed)
+    classes = int(getattr(vit, "num_classes", 1000) or 1000)
+    images, labels = torch.randn(n, *size, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    return TensorEvalSet("synthetic", images, labels, classes, {"n": n, "input_size": list(size), "seed": cfg.seed})
+
+
 # id -> (description, loader(cfg, backbone) -> EvalSet, backbone kwargs(cfg))
 DATASETS = {
     "digits": ("embedded: cluttered handwritten digits from scikit-learn on a 64x64 canvas", _load_digits, _digits_model_kwargs),
+    "synthetic": ("seeded random images at the backbone's input size, random labels: speed only (no --data)", _load_synthetic, lambda cfg: {}),
     "imagenet": ("ImageNet-1k validation images (--data: val/<wnid>/*.JPEG, or flat files + label file)", _load_imagenet, lambda cfg: {}),
 }
 

@@ -359,6 +359,8 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     try:
         if cfg.workers:
             parallel.merge_workers(run)  # cells a worker of an interrupted run finished
+            for g in groups:  # fine-tune (and cache) here once, so workers never train the same thing twice
+                method_weights(cfg, methods.get(g.method), vit, g.knobs, backbone_info, reporter)
             parallel.spawn(run, cfg.workers, len(groups), cfg.threads, reporter)
         else:
             _run_groups(cfg, run, groups, vit, backbone_info, evalset, reporter, d)

@@ -227,3 +227,17 @@ def test_shared_fixture_both_layouts(tmp_path):
     truth = dict(line.split() for line in (MINI / "val_flat.txt").read_text().splitlines() if line.strip())
     assert flat.info["layout"] == "flat" and flat.n == 12
     assert labels_of(flat) == [int(truth[p.name]) for p, _ in flat.dataset.items]
+
+
+def test_synthetic_images_at_the_backbone_input_size(tmp_path):
+    toml = tmp_path / "bench.toml"
+    toml.write_text(TINY_TOML)
+    cfg = config.resolve("tiny", toml, dataset="synthetic", out=str(tmp_path / "r"))
+    cfg.test_samples = 6
+    vit = runner.create_backbone(cfg)
+    a, b = datasets.load(cfg, vit), datasets.load(cfg, vit)
+    assert a.n == 6 and tuple(a.images.shape) == (6, 3, 64, 64) and torch.equal(a.images, b.images)
+    assert int(a.labels.max()) < 1000
+    cfg.data = str(tmp_path)
+    with pytest.raises(UsageError, match="takes no --data"):
+        datasets.load(cfg, vit)
