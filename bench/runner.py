@@ -407,7 +407,7 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
                                                                  reporter, f"eval {name}", d), cfg.eval_batch_size, []
             else:
                 result, eval_bs, eval_failed = kernels.with_backoff(
-                    lambda b: parallel.evaluate(model, evalset, b, g.device, g.precision, reporter, f"eval {name}", d),
+                    lambda b, m=model: parallel.evaluate(m, evalset, b, g.device, g.precision, reporter, f"eval {name}", d),
                     cfg.eval_batch_size, g.device)
             skipped = parallel.gather(getattr(evalset, "skipped", {}), d)
             if not d.main:
@@ -418,8 +418,8 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
             summary = result.summary()
             inputs = timing_cpu.to(g.device)
             for bs in todo:
-                cell, ran, failed = kernels.with_backoff(lambda b: _time_cell(cfg, g, model, reference, inputs, b, reporter, name),
-                                                         bs, g.device)
+                cell, ran, failed = kernels.with_backoff(
+                    lambda b, m=model: _time_cell(cfg, g, m, reference, inputs, b, reporter, name), bs, g.device)
                 t, raw = cell if cell is not None else ({k: float("nan") for k in OOM_NAN}, {})
                 raw = {"correct1": result.correct1, "gmacs_per_sample": result.gmacs, **raw}
                 record = {

@@ -2,8 +2,6 @@
 A-ViT (gate in the file name) and AdaViT (separate q, k, v and gate layers) layouts, refused pickles,
 and strict loading that lists what does not fit (METHODS.md sections 1.6, 3.6, 6)."""
 import argparse
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 import methods
-from conftest import ROOT
+from conftest import ROOT, run_main
 from methods.backbones import CheckpointError
 from methods.convert import avit_gate_from_name, convert, implied_budgets, load_backbone, load_strict, read_state_dict
 
@@ -62,14 +60,15 @@ def test_pickle_needing_code_is_refused_with_a_clear_message(tmp_path):
         read_state_dict(path)
 
 
-def test_cli_refuses_unsafe_checkpoint_in_one_line(tmp_path):
+def test_cli_refuses_unsafe_checkpoint_in_one_line(tmp_path, monkeypatch, capsys):
     path = tmp_path / "evil.pth"
     torch.save({"x": NotAWeight()}, path)
-    out = subprocess.run([sys.executable, "-m", "bench", "run", "--profile", "smoke", "--checkpoint", str(path), "--out", str(tmp_path / "r")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr
-    assert "refused" in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    code, _, err = run_main(monkeypatch, capsys, "run", "--config", str(ROOT / "bench.toml"), "--profile", "smoke",
+                            "--checkpoint", str(path), "--out", str(tmp_path / "r"))
+    assert code == 2, err
+    assert "refused" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "r").glob("*/manifest.json"))  # refused before any run was started
 
 
 def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path):

@@ -2,7 +2,6 @@
 (overridable), grayscale and tiny images, corrupt files (stop by path, or --skip-corrupt), and
 `bench run --profile imagenet` printing the papers' numbers beside ours."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 from bench import config, datasets, runner
 from bench.errors import UsageError
 from bench.paper import beside
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, run_main
 
 MINI = FIXTURES / "imagenet-mini"
 # wnid -> ImageNet-1k index (synset_words.txt order); chosen so folder order != index order
@@ -148,23 +147,8 @@ def test_eval_transform_comes_from_the_timm_config_and_can_be_overridden(tmp_pat
         datasets.load(cfg, vit)
 
 
-def _main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """``bench ARGS`` in this process (the console script's own entry point): exit code, stdout, stderr."""
-    from bench import cli
-
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _cli(tmp_path, monkeypatch, capsys, *args):
-    return _main(monkeypatch, capsys, "run", "--config", str(tmp_path / "bench.toml"), "--profile", "tiny",
+    return run_main(monkeypatch, capsys, "run", "--config", str(tmp_path / "bench.toml"), "--profile", "tiny",
                  "--out", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), "-q", *args)
 
 
@@ -201,7 +185,7 @@ def test_imagenet_profile_prints_the_paper_number(tmp_path, monkeypatch, capsys)
         pytest.skip(f"shared fixtures absent: {MINI}")
     toml = tmp_path / "bench.toml"  # the project's profiles plus `imagenet` with test-length timing
     toml.write_text((ROOT / "bench.toml").read_text() + QUICK_TIMING)
-    code, out, err = _main(monkeypatch, capsys, "run", "--config", str(toml), "--profile", "imagenet-quick",
+    code, out, err = run_main(monkeypatch, capsys, "run", "--config", str(toml), "--profile", "imagenet-quick",
                            "--data", str(MINI / "val"), "--methods", "deit",
                            "--backbone", "deit_tiny_patch16_224", "--checkpoint", "random", "--batch-sizes", "1",
                            "--precision", "fp32", "--out", str(tmp_path / "r"), "--reports", str(tmp_path / "rep"), "-q")
