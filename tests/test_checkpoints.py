@@ -149,3 +149,37 @@ def test_adavit_checkpoint_missing_a_value_layer_is_named():
     del official["blocks.2.attn.value.bias"]
     with pytest.raises(CheckpointError, match=r"block 2 has no attn.value.bias"):
         convert(official)
+
+
+def test_run_with_an_official_adavit_checkpoint_uses_its_gates(tmp_path):
+    """`bench run --checkpoint <official AdaViT file>`: the backbone part loads into every method,
+    the gates into adavit (a fresh gate keeps everything, these drop patches)."""
+    from bench import config, runner
+    from bench.progress import Reporter
+
+    cfg = config.resolve("smoke", ROOT / "bench.toml", methods="adavit", budgets={"adavit": ["full"]}, batch_sizes=[2],
+                         out=str(tmp_path / "results"))
+    vit, _ = runner.prepare_backbone(cfg, runner.create_backbone(cfg), Reporter(quiet=True))
+    model = methods.build("adavit", vit)
+    with torch.no_grad():
+        for gates in model.adavit_gates:
+            gates.patch.bias.fill_(-3.0)  # sigmoid(-3) < 0.6: every patch dropped, CLS kept
+    torch.save({"state_dict_ema": official_adavit_layout(model)}, tmp_path / "ada.pth.tar")
+    cfg.checkpoint = str(tmp_path / "ada.pth.tar")
+    recs = {r["method"]: r for r in runner.execute(cfg, Reporter(quiet=True)).records()}
+    assert recs["adavit"]["finetuned"] is True and recs["adavit"]["method_checkpoint"] == cfg.checkpoint
+    assert recs["adavit"]["tokens_per_block"] == [1.0] * len(vit.blocks)  # only CLS in every block
+    assert recs["deit"]["gmacs_ratio"] == 1.0 and recs["adavit"]["gmacs_ratio"] < 0.2
+
+
+def test_run_with_an_official_avit_file_name_takes_its_gate(tmp_path):
+    from bench import config, runner
+    from bench.progress import Reporter
+
+    cfg = config.resolve("smoke", ROOT / "bench.toml", methods="avit", batch_sizes=[2], out=str(tmp_path / "results"))
+    vit, _ = runner.prepare_backbone(cfg, runner.create_backbone(cfg), Reporter(quiet=True))
+    torch.save({"model": vit.state_dict()}, tmp_path / "digits-2-15.pth")
+    cfg.checkpoint = str(tmp_path / "digits-2-15.pth")
+    recs = {r["method"]: r for r in runner.execute(cfg, Reporter(quiet=True)).records()}
+    assert recs["avit"]["budget"] == "gate_scale:2+gate_center:15"
+    assert recs["avit"]["knobs"] == {"gate_scale": 2.0, "gate_center": 15.0}

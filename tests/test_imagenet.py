@@ -225,3 +225,15 @@ def test_synthetic_images_at_the_backbone_input_size(tmp_path):
     cfg.data = str(tmp_path)
     with pytest.raises(UsageError, match="takes no --data"):
         datasets.load(cfg, vit)
+
+
+def test_each_rank_reads_only_its_shard_of_a_folder(tmp_path, class_folders):
+    """torchrun ranks (bench/parallel.py): rank r decodes whole batches r, r + world, ... only."""
+    cfg = tiny_cfg(tmp_path, class_folders)
+    evalset = datasets.load(cfg, runner.create_backbone(cfg))
+    whole = [(x, y) for x, y in evalset.batches(3)]
+    ranks = [[(x, y) for x, y in evalset.batches(3, shard=(r, 2))] for r in range(2)]
+    assert [len(y) for _, y in ranks[0]] == [3, 3] and [len(y) for _, y in ranks[1]] == [3, 1]
+    dealt = [ranks[g % 2][g // 2] for g in range(4)]
+    for (x, y), (xs, ys) in zip(whole, dealt):
+        assert torch.equal(y, ys) and torch.equal(x, xs)
