@@ -95,7 +95,7 @@ def evaluate(
             x = x.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x)
-            tr = methods.trace(model)
+            tr = methods.trace(getattr(model, "_orig_mod", model))  # torch.compile keeps the traced model there
             scores = logits.float()
             if v > 1:
                 scores = scores.softmax(-1).view(-1, v, scores.shape[-1]).mean(1)
@@ -196,7 +196,7 @@ def time_side_by_side(
             with autocast(device, precision):
                 out = m(x)
             if keep:
-                extras.append(getattr(methods.trace(m), "extras", {}))
+                extras.append(getattr(methods.trace(getattr(m, "_orig_mod", m)), "extras", {}))
             return out
 
         return call

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import kinetics
-from .datasets import EvalSet
+from .datasets import EvalSet, shard_starts
 from .errors import UsageError
 
 SAMPLING_KEYS = ("stride", "clips", "crops", "short_side")
@@ -46,6 +46,19 @@ def sampling_for(cfg: RunConfig, vit: nn.Module | None) -> kinetics.Sampling:
                              std=tuple(pcfg.get("std", IMAGENET_DEFAULT_STD)), **opts)
 
 
+class ShardBatches:
+    """Whole batches starting at ``starts`` (a rank's shard, bench/parallel.py), as index lists."""
+
+    def __init__(self, starts: range, batch_size: int, n: int):
+        self.starts, self.batch_size, self.n = starts, batch_size, n
+
+    def __iter__(self):
+        return (list(range(s, min(s + self.batch_size, self.n))) for s in self.starts)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
 class VideoEvalSet(EvalSet):
     def __init__(self, name: str, items: list, sampling: kinetics.Sampling, num_classes: int, info: dict,
                  skip_corrupt: bool, workers: int):
@@ -54,7 +67,7 @@ class VideoEvalSet(EvalSet):
         self.sampling = sampling
         self.views = sampling.views
         self.skip_corrupt = skip_corrupt
-        self.skipped: dict[str, str] = {}  # path -> reason
+        self.skipped: dict[int, str] = {}  # index -> path of every unreadable video met (--skip-corrupt)
 
     @property
     def n(self) -> int:
@@ -65,13 +78,13 @@ class VideoEvalSet(EvalSet):
             path = str(self.dataset.items[i][0])
             if not self.skip_corrupt:
                 raise UsageError(f"cannot decode video {path} ({reason}); remove it or pass --skip-corrupt to count and skip it")
-            self.skipped[path] = reason
+            self.skipped[i] = path
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)):
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers,
-                            collate_fn=kinetics.collate, persistent_workers=False)
+        loader = DataLoader(self.dataset, batch_sampler=ShardBatches(shard_starts(self.n, batch_size, shard), batch_size, self.n),
+                            num_workers=self.workers, collate_fn=kinetics.collate, persistent_workers=False)
         for x, y, failed in loader:
             self._failed(failed)
             if x is not None:

@@ -141,7 +141,7 @@ def test_corrupt_video_is_named_or_skipped(tmp_path):
     cfg.skip_corrupt = True
     evalset = load_kinetics(cfg, vit, 400)
     batches = list(evalset.batches(2))
-    assert sum(len(y) for _, y in batches) == 2 and list(evalset.skipped) == [str(bad)]
+    assert sum(len(y) for _, y in batches) == 2 and list(evalset.skipped.values()) == [str(bad)]
     x, y = batches[0]
     assert x.shape[1:] == (3, 16, 32, 32) and x.shape[0] == 2 * len(y)  # 2 views per video
     assert evalset.timing_inputs(5, seed=0).shape == (2, 3, 16, 32, 32)
@@ -205,7 +205,8 @@ memory_iters = 1
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"deit", "avit"}
     for r in records:
-        assert r["views"] == 6 and r["n_samples"] == 12 and r["skipped_videos"] == 1
+        assert r["views"] == 6 and r["n_samples"] == 12
         assert r["gmacs_per_video"] == pytest.approx(6 * r["gmacs"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert list(manifest["dataset"]["skipped_corrupt"]) == [str(data / "val" / "abseiling" / "corrupted.mp4")]
+    assert manifest["dataset"]["skipped_corrupt"] == 1
+    assert manifest["dataset"]["skipped_files"] == [str(data / "val" / "abseiling" / "corrupted.mp4")]
