@@ -18,7 +18,7 @@ import methods
 from methods.backbones import CheckpointError, load_checkpoint
 
 from . import budgets as budgets_mod
-from . import cache, datasets, measure
+from . import cache, datasets, measure, tokenmap
 from .config import RunConfig
 from .data import digits
 from .errors import UsageError
@@ -350,6 +350,8 @@ def _run_groups(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, b
     dense_gmacs = methods.vit_shape(vit).dense_gmacs()
     references: dict[tuple, nn.Module] = {}
     timing_cpu = evalset.timing_inputs(cfg.timing.timing_samples, cfg.seed)
+    overlay_cpu = timing_cpu[: tokenmap.N_IMAGES]  # report plot 5: the same few test images for every method
+    run.add_file(tokenmap.IMAGES_FILE, tokenmap.image_record(vit, overlay_cpu))
     for g in groups:
         todo = [b for b in cfg.batch_sizes if cell_key(g.identity(b)) not in done]
         if not todo:
@@ -368,6 +370,7 @@ def _run_groups(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, b
         result = measure.evaluate(model, evalset.batches(cfg.eval_batch_size), evalset.n, g.device, g.precision, reporter,
                                   label=f"eval {name}")
         summary = result.summary()
+        token_blocks = tokenmap.token_blocks(model, overlay_cpu.to(g.device), g.precision)
         inputs = timing_cpu.to(g.device)
         for bs in todo:
             t = measure.time_side_by_side(
@@ -377,6 +380,8 @@ def _run_groups(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, b
             )
             mem, mem_kind = measure.peak_memory_mb(model, measure.batch_of(inputs, bs), g.device, g.precision, cfg.timing.memory_iters)
             raw = {"correct1": result.correct1, "gmacs_per_sample": result.gmacs, "iter_seconds": np.asarray(t.pop("raw_seconds"))}
+            if token_blocks is not None:
+                raw["token_blocks"] = token_blocks
             if "raw_dense_seconds" in t:
                 raw["dense_iter_seconds"] = np.asarray(t.pop("raw_dense_seconds"))
             if g.method == "deit":
