@@ -11,6 +11,7 @@ Everything is drawn from the results folder (records + ``raw/``), never by re-ru
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def _pyplot():
 
 def _series(df: pd.DataFrame) -> pd.Series:
     """What one colour stands for: the method, or method and run when several runs are compared."""
-    if df["run_id"].nunique() > 1:
-        return df["method"] + " (" + df["run_id"].astype(str) + ")"
+    if df["_run"].nunique() > 1:
+        return df["method"] + " (" + df["_run"].map(lambda p: Path(p).name) + ")"
     return df["method"]
 
 
@@ -90,13 +91,13 @@ def pareto(points: pd.DataFrame, x: str = "gmacs", y: str = "top1") -> pd.DataFr
 
 def _models(df: pd.DataFrame) -> pd.DataFrame:
     """One row per model configuration: accuracy and GMACs do not depend on the batch size."""
-    keys = ["run_id", "method", "budget", "mode", "device", "precision"]
+    keys = ["_run", "method", "budget", "mode", "device", "precision"]
     return df.sort_values("batch_size").drop_duplicates(keys).reset_index(drop=True)
 
 
 def accuracy_vs_gmacs(df: pd.DataFrame, folder: Path, pal: dict) -> Plot:
     plt, sns = _pyplot()
-    m = _models(df).drop_duplicates(["run_id", "method", "budget", "mode", "precision"]).copy()
+    m = _models(df).drop_duplicates(["_run", "method", "budget", "mode", "precision"]).copy()
     m["series"] = _series(m)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for name, g in m.groupby("series", sort=False):
@@ -134,9 +135,6 @@ def accuracy_vs_speed(df: pd.DataFrame, folder: Path, pal: dict) -> Plot:
                                  (row[1], small, "latency_ms_p90", f"p90 latency at batch {small} (ms)")):
             q = p[p["batch_size"] == bs]
             sns.scatterplot(data=q, x=x, y="top1", hue="series", style="series", palette=pal, s=70, ax=ax, legend=ax is row[0])
-            for _, g in q.groupby("series", sort=False):
-                g = g.sort_values(x)
-                ax.plot(g[x], g["top1"], color=pal[g["series"].iloc[0]], alpha=0.4, linewidth=1)
             ax.set_xlabel(label)
             ax.set_ylabel("top-1 (%)")
             ax.set_title(place, fontsize=9)
@@ -176,32 +174,32 @@ def speedup_vs_gmacs(df: pd.DataFrame, folder: Path, pal: dict) -> Plot:
 
 def compute_profile(df: pd.DataFrame, runs: dict[str, Run], folder: Path, pal: dict) -> Plot:
     plt, sns = _pyplot()
-    m = _models(df).drop_duplicates(["run_id", "method", "budget", "mode", "precision"]).copy()
+    m = _models(df).drop_duplicates(["_run", "method", "budget", "mode", "precision"]).copy()
     m["config"] = _series(m) + " " + m["budget"].astype(str)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.4]})
     styles = ["-", "--", ":", "-."]
-    rank: dict[str, int] = {}
-    for _, r in m.iterrows():
-        tokens = list(r.get("tokens_per_block") or [])
-        if not tokens:
-            continue
-        series = _series(pd.DataFrame([r])).iloc[0]
-        k = rank[series] = rank.get(series, -1) + 1
-        left.plot(range(1, len(tokens) + 1), tokens, color=pal[series], linestyle=styles[k % len(styles)], marker="o",
-                  markersize=3, label=r["config"])
+    m["series"] = _series(m)
+    for series, g in m.groupby("series", sort=False):
+        shades = sns.dark_palette(pal[series], len(g) + 2, reverse=True)  # one shade of the method's colour per budget
+        for k, (_, r) in enumerate(g.iterrows()):
+            tokens = list(r.get("tokens_per_block") or [])
+            if tokens:
+                left.plot(range(1, len(tokens) + 1), tokens, color=shades[k], linestyle=styles[k % len(styles)],
+                          marker="o", markersize=3, label=r["config"])
     left.set_xlabel("block")
     left.set_ylabel("tokens entering the block (mean, CLS included)")
     left.legend(fontsize=7, ncol=2)
     rows = []
     for _, r in m.iterrows():
-        raw = runs[r["run_id"]].raw(r.to_dict())
+        raw = runs[r["_run"]].raw(r.to_dict())
         if "gmacs_per_sample" in raw:
-            rows.append(pd.DataFrame({"config": r["config"], "series": _series(pd.DataFrame([r])).iloc[0],
-                                      "gmacs": raw["gmacs_per_sample"]}))
+            rows.append(pd.DataFrame({"config": r["config"], "series": r["series"], "gmacs": raw["gmacs_per_sample"]}))
     if rows:
         per = pd.concat(rows, ignore_index=True)
-        sns.boxplot(data=per, y="config", x="gmacs", hue="series", palette=pal, ax=right, fliersize=2, legend=False,
-                    orient="h")
+        with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11's deprecated `vert` itself
+            warnings.filterwarnings("ignore", message=".*vert: bool.*")
+            sns.boxplot(data=per, y="config", x="gmacs", hue="series", palette=pal, ax=right, fliersize=2, legend=False,
+                        orient="h")
     right.set_xlabel("GMACs per sample")
     right.set_ylabel("")
     return _save(fig, folder, "compute_profile", "Where the compute goes",
@@ -212,7 +210,7 @@ def compute_profile(df: pd.DataFrame, runs: dict[str, Run], folder: Path, pal: d
 def _overlay_choice(m: pd.DataFrame, target: float = 0.5) -> pd.DataFrame:
     """Per adaptive method, the budget whose GMACs ratio is nearest ``target``."""
     rows = []
-    for _, g in m[m["method"] != "deit"].groupby(["run_id", "method"], sort=False):
+    for _, g in m[m["method"] != "deit"].groupby(["_run", "method"], sort=False):
         rows.append(g.loc[(g["gmacs_ratio"] - target).abs().idxmin()])
     return pd.DataFrame(rows)
 
@@ -223,7 +221,7 @@ def token_overlays(df: pd.DataFrame, runs: dict[str, Run], folder: Path) -> Plot
     chosen = _overlay_choice(m)
     maps, meta = [], None
     for _, r in chosen.iterrows():
-        run = runs[r["run_id"]]
+        run = runs[r["_run"]]
         raw = run.raw(r.to_dict())
         if "token_blocks" not in raw or not (run.path / IMAGES_FILE).is_file():
             continue
@@ -271,7 +269,7 @@ def token_overlays(df: pd.DataFrame, runs: dict[str, Run], folder: Path) -> Plot
 def draw_all(df: pd.DataFrame, runs: list[Run], folder: Path) -> list[Plot]:
     """Every plot the data allows, in the order of the issue; returns what was written."""
     folder.mkdir(parents=True, exist_ok=True)
-    by_id = {r.id: r for r in runs}
+    by_id = {str(r.path): r for r in runs}
     pal = palette(df)
     plots = [accuracy_vs_gmacs(df, folder, pal), accuracy_vs_speed(df, folder, pal)]
     if (df["method"] != "deit").any():

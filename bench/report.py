@@ -24,7 +24,7 @@ def load(runs: list[Run]) -> pd.DataFrame:
         df = run.dataframe()
         if df.empty:
             raise UsageError(f"run {run.path} has no finished cells yet; finish it with `bench run --resume {run.id}`")
-        frames.append(df)
+        frames.append(df.assign(_run=str(run.path)))  # which folder a row came from (run_id may repeat in copies)
     return pd.concat(frames, ignore_index=True)
 
 

@@ -10,8 +10,9 @@ import torch
 
 import methods
 from bench import plots, report, tokenmap
+from bench.errors import UsageError
 from bench.store import Run
-from benchrun import bench, smoke_run
+from benchrun import smoke_run
 
 PLOTS = ("accuracy_vs_gmacs", "accuracy_vs_speed", "speedup_vs_gmacs", "compute_profile", "token_overlays")
 
@@ -140,9 +141,9 @@ def test_report_of_unfinished_run_is_an_error(run_dir, tmp_path):
     empty = tmp_path / "r" / "empty"
     empty.mkdir(parents=True)
     shutil.copy(run_dir / "manifest.json", empty / "manifest.json")
-    p = bench("report", str(empty), "--out", str(tmp_path / "rep"))
-    assert p.returncode == 2 and p.stderr.startswith("error:") and "no finished cells" in p.stderr
-    assert "Traceback" not in p.stderr
+    with pytest.raises(UsageError, match="no finished cells"):
+        report.write([Run(empty)], tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
 
 
 # ---------------------------------------------------------------------------------------------
