@@ -243,11 +243,6 @@ def compare(base: Run, cur: Run, th: Thresholds) -> Comparison:
         row["status"] = ("mixed" if {"regressed", "improved"} <= verdicts else "regressed" if "regressed" in verdicts
                          else "improved" if "improved" in verdicts else "same")
         rows.append(row)
-    retrained = sorted({b_df.loc[k, "method"] for k in common
-                        if str(b_df.loc[k].get("method_checkpoint_sha256", "nan")) != str(c_df.loc[k].get("method_checkpoint_sha256", "nan"))})
-    if retrained:
-        notes.append(f"fine-tuned weights differ from the baseline's for {', '.join(retrained)} (retrained): their accuracy "
-                     "and gmacs changes include the retraining")
     missing = [k for k in b_df.index if k not in c_df.index]
     new = [k for k in c_df.index if k not in b_df.index]
     return Comparison(base, cur, th, pd.DataFrame(rows), missing, new, notes)
