@@ -52,6 +52,12 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read (default: ./bench.toml, then the project's)."),
     reports: str = typer.Option("reports", "--reports", help="Folder for the report written at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Count and report unreadable images instead of stopping."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Eval transform: centre-crop share (default: the backbone's timm config)."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Eval transform: resize interpolation (bicubic, bilinear, ...)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Spread cells over devices, one process each, e.g. cuda:0,cuda:1."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the models before measuring."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: default, unfused, fused, flash, efficient, cudnn, math."),
 ) -> None:
     """Benchmark methods x budgets x devices x precisions x batch sizes and write results and a report."""
     from . import budgets as budgets_mod
@@ -61,7 +67,11 @@ def run(
 
     flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint,
                  device=device, batch_sizes=batch_sizes, precision=precision, out=out, seed=seed, threads=threads,
-                 retrain=retrain or None)
+                 retrain=retrain or None, skip_corrupt=skip_corrupt or None, devices=devices, compile=compile_ or None,
+                 attention=attention)
+    transform = {k: v for k, v in (("crop_pct", crop_pct), ("interpolation", interpolation)) if v is not None}
+    if transform:
+        flags["transform"] = transform
     if budgets:
         flags["budgets"] = budgets_mod.parse_cli(budgets)
     if batch_sizes:
@@ -76,8 +86,14 @@ def run(
             raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
     reporter = _reporter(quiet)
     result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     records = result.records()
     _summary(records, result)
+    _paper_table(records, result)
+    skipped = result.manifest().get("dataset", {}).get("skipped_corrupt")
+    if skipped:
+        err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {result.path / 'manifest.json'}")
     report_folder = report_mod.write([result], Path(reports))
     console.print(f"results: {result.path}")
     console.print(f"report:  {report_folder / 'leaderboard.md'}")
@@ -113,6 +129,22 @@ def _summary(records: list[dict], run) -> None:
             hit = g[g["batch_size"] == 1]
             row.append(f"{hit['latency_ms_p90'].iloc[0]:.2f}" if len(hit) else "-")
         table.add_row(*row)
+    console.print(table)
+
+
+def _paper_table(records: list[dict], run) -> None:
+    """ImageNet runs: the paper's number (METHODS.md section 5) beside ours, per method and budget."""
+    from .paper import beside
+
+    rows = beside(records)
+    if not rows:
+        return
+    table = Table(title="paper (METHODS.md section 5) vs this run")
+    for col in ("method", "budget", "top-1 ours", "top-1 paper", "GMACs ours", "GMACs paper", "paper setting"):
+        table.add_column(col, justify="right" if col.startswith(("top", "GMACs")) else "left")
+    for r in rows:
+        table.add_row(r["method"], r["budget"], f"{r['top1']:.2f}", f"{r['paper_top1']:.2f}", f"{r['gmacs']:.3f}",
+                      f"{r['paper_gmacs']:.1f}", r["paper_setting"])
     console.print(table)
 
 

@@ -37,6 +37,16 @@ PROFILE_SCHEMA: dict[str, Any] = {
     "eval_batch_size": int,
     "test_samples": int,
     "out": str,
+    "skip_corrupt": bool,
+    "compile": bool,
+    "compile_backend": str,
+    "attention": str,
+    "devices": (str, ("list", str)),
+    "transform": (
+        "table",
+        {"input_size": ("list", int), "crop_pct": NUMBER, "interpolation": str, "mean": ("list", NUMBER),
+         "std": ("list", NUMBER), "crop_mode": str},
+    ),
     "timing": (
         "table",
         {
@@ -243,6 +253,12 @@ class RunConfig:
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     retrain: bool = False
+    skip_corrupt: bool = False  # count and report unreadable images instead of stopping
+    transform: dict = field(default_factory=dict)  # overrides of the backbone's timm eval transform
+    compile: bool = False
+    compile_backend: str = "inductor"
+    attention: str = "default"  # bench/kernels.py ATTENTION
+    workers: list[str] = field(default_factory=list)  # --devices: one process per entry
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -286,6 +302,12 @@ def resolve(profile_name: str, config_path: Path | None = None, **flags: Any) ->
         model=dict(p.get("model", {})) if over.get("backbone", p.get("backbone")) == p.get("backbone") else {},
         train=dict(p.get("train", {})),
         retrain=bool(over.get("retrain", False)),
+        skip_corrupt=bool(over.get("skip_corrupt", p.get("skip_corrupt", False))),
+        transform={**p.get("transform", {}), **over.get("transform", {})},
+        compile=bool(over.get("compile", p.get("compile", False))),
+        compile_backend=str(p.get("compile_backend", "inductor")),
+        attention=str(over.get("attention", p.get("attention", "default"))),
+        workers=as_list(over.get("devices", p.get("devices"))),
     )
     if "budgets" in over:
         cfg.budgets.update(over["budgets"])

@@ -25,11 +25,19 @@ class EvalSet:
     def n(self) -> int:
         raise NotImplementedError
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in order; ``shard=(rank, world)``: only that rank's whole batches (bench/parallel.py)."""
         raise NotImplementedError
 
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
         raise NotImplementedError
+
+
+def shard_starts(n: int, batch_size: int, shard: tuple[int, int]) -> range:
+    """First indices of the batches of shard ``(rank, world)``: whole batches dealt round-robin, so
+    every batch is the one a single process sees and per-sample results are bit-identical."""
+    rank, world = shard
+    return range(rank * batch_size, n, world * batch_size)
 
 
 class TensorEvalSet(EvalSet):
@@ -40,8 +48,8 @@ class TensorEvalSet(EvalSet):
     def n(self) -> int:
         return int(self.labels.shape[0])
 
-    def batches(self, batch_size: int):
-        for i in range(0, self.n, batch_size):
+    def batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)):
+        for i in shard_starts(self.n, batch_size, shard):
             yield self.images[i : i + batch_size], self.labels[i : i + batch_size]
 
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
@@ -52,37 +60,55 @@ class TensorEvalSet(EvalSet):
 class FolderEvalSet(EvalSet):
     """Images on disk, decoded with PIL in DataLoader workers."""
 
-    def __init__(self, name: str, items: list, transform, input_size, num_classes: int, info: dict, workers: int):
+    def __init__(self, name: str, items: list, transform, input_size, num_classes: int, info: dict, workers: int,
+                 skip_corrupt: bool = False):
         from .data.imagenet import ImageFiles
 
         self.name, self.num_classes, self.info, self.workers = name, num_classes, info, workers
         self.dataset = ImageFiles(items, transform)
         self.dataset.input_size = tuple(input_size)
+        self.skip_corrupt = skip_corrupt
+        self.skipped: dict[int, str] = {}  # index -> path of every unreadable image met (--skip-corrupt)
 
     @property
     def n(self) -> int:
         return len(self.dataset)
 
-    def _check(self, labels: torch.Tensor, index: torch.Tensor) -> None:
+    def _check(self, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Rows to keep; an unreadable image stops the run by path unless ``skip_corrupt``."""
         bad = (labels < 0).nonzero().flatten()
-        if len(bad):
+        if len(bad) and not self.skip_corrupt:
             path = self.dataset.items[int(index[bad[0]])][0]
-            raise UsageError(f"cannot read image {path} (corrupt or not an image); remove it from the data folder")
+            raise UsageError(f"cannot read image {path} (corrupt or not an image); remove it from the data folder or pass --skip-corrupt")
+        for i in index[bad].tolist():
+            self.skipped[int(i)] = str(self.dataset.items[int(i)][0])
+        return labels >= 0
 
-    def batches(self, batch_size: int):
-        from torch.utils.data import DataLoader
+    def batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)):
+        from torch.utils.data import DataLoader, Subset
 
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers,
-                            persistent_workers=False)
+        data = self.dataset
+        if shard != (0, 1):
+            data = Subset(data, [i for s in shard_starts(self.n, batch_size, shard) for i in range(s, min(s + batch_size, self.n))])
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=self.workers, persistent_workers=False)
         for x, y, idx in loader:
-            self._check(y, idx)
-            yield x, y
+            keep = self._check(y, idx)
+            if not bool(keep.all()):
+                x, y = x[keep], y[keep]
+            if len(y):
+                yield x, y
 
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
-        idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))[: min(count, self.n)]
-        samples = [self.dataset[int(i)] for i in idx]
-        self._check(torch.tensor([s[1] for s in samples]), torch.tensor([s[2] for s in samples]))
-        return torch.stack([s[0] for s in samples])
+        samples = []
+        for i in torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist():
+            s = self.dataset[i]
+            if bool(self._check(torch.tensor([s[1]]), torch.tensor([s[2]]))[0]):
+                samples.append(s[0])
+            if len(samples) == count:
+                break
+        if not samples:
+            raise UsageError(f"no readable image in {self.info.get('root')}")
+        return torch.stack(samples)
 
 
 def digits_config(cfg: RunConfig) -> digits.DigitsConfig:
@@ -125,17 +151,54 @@ def _load_imagenet(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
     if cfg.test_samples and cfg.test_samples < len(items):
         keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.test_samples]
         items = [items[i] for i in sorted(keep.tolist())]
-    data_cfg = resolve_data_config({}, model=vit)
+    data_cfg = resolve_data_config(transform_overrides(cfg), model=vit)
     transform = create_transform(**data_cfg, is_training=False)
     info = {"layout": layout, "root": str(cfg.data), "n": len(items),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()}}
     workers = min(4, os.cpu_count() or 1)
-    return FolderEvalSet("imagenet", items, transform, data_cfg["input_size"], 1000, info, workers)
+    return FolderEvalSet("imagenet", items, transform, data_cfg["input_size"], 1000, info, workers, cfg.skip_corrupt)
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
+
+def transform_overrides(cfg: RunConfig) -> dict:
+    """``[transform]`` / ``--crop-pct`` / ``--interpolation`` on top of the backbone's timm
+    pretrained config (METHODS.md section 0: the repos differ, e.g. crop 0.875 vs 0.9)."""
+    t = dict(cfg.transform)
+    if "crop_pct" in t and not 0.0 < float(t["crop_pct"]) <= 1.0:
+        raise UsageError(f"crop_pct must lie in (0, 1], got {t['crop_pct']}")
+    if "interpolation" in t and t["interpolation"] not in INTERPOLATIONS:
+        raise UsageError(f"interpolation '{t['interpolation']}' is not one of {', '.join(INTERPOLATIONS)}")
+    for k in ("mean", "std"):
+        if k in t and len(t[k]) != 3:
+            raise UsageError(f"transform {k} needs 3 values (one per channel), got {t[k]}")
+    if "input_size" in t:
+        if len(t["input_size"]) != 3:
+            raise UsageError(f"transform input_size is [channels, height, width], got {t['input_size']}")
+        t["input_size"] = tuple(t["input_size"])
+    return t
+
+
+def _load_synthetic(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+    """Seeded random images of the backbone's input size with random labels: speed and compute only,
+    for machines without the data (a GPU measured with ``--checkpoint random``)."""
+    from timm.data import resolve_data_config
+
+    if cfg.data is not None:
+        raise UsageError("data set 'synthetic' is generated and takes no --data path")
+    size = tuple(resolve_data_config(transform_overrides(cfg), model=vit)["input_size"])
+    n = cfg.test_samples or 512
+    gen = torch.Generator().manual_seed(cfg.seed)
+    classes = int(getattr(vit, "num_classes", 1000) or 1000)
+    images, labels = torch.randn(n, *size, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    return TensorEvalSet("synthetic", images, labels, classes, {"n": n, "input_size": list(size), "seed": cfg.seed})
 
 
 # id -> (description, loader(cfg, backbone) -> EvalSet, backbone kwargs(cfg))
 DATASETS = {
     "digits": ("embedded: cluttered handwritten digits from scikit-learn on a 64x64 canvas", _load_digits, _digits_model_kwargs),
+    "synthetic": ("seeded random images at the backbone's input size, random labels: speed only (no --data)", _load_synthetic, lambda cfg: {}),
     "imagenet": ("ImageNet-1k validation images (--data: val/<wnid>/*.JPEG, or flat files + label file)", _load_imagenet, lambda cfg: {}),
 }
 

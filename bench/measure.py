@@ -87,7 +87,7 @@ def evaluate(
             x = x.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x)
-            tr = methods.trace(model)
+            tr = methods.trace(getattr(model, "_orig_mod", model))  # torch.compile keeps the traced model there
             top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
             c1.append((top[:, 0] == y).numpy())
             c5.append((top == y[:, None]).any(dim=1).numpy())
@@ -184,7 +184,7 @@ def time_side_by_side(
             with autocast(device, precision):
                 out = m(x)
             if keep:
-                extras.append(getattr(methods.trace(m), "extras", {}))
+                extras.append(getattr(methods.trace(getattr(m, "_orig_mod", m)), "extras", {}))
             return out
 
         return call

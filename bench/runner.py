@@ -16,9 +16,10 @@ from torch import nn
 
 import methods
 from methods.backbones import CheckpointError, load_checkpoint
+from methods.convert import implied_budgets, load_strict
 
 from . import budgets as budgets_mod
-from . import cache, datasets, measure, tokenmap
+from . import cache, datasets, kernels, measure, parallel, tokenmap
 from .config import RunConfig
 from .data import digits
 from .errors import UsageError
@@ -140,12 +141,15 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
         reporter.print("[yellow]checkpoint 'random': random weights, speed and compute only (accuracy is meaningless)")
         return vit.eval(), {"checkpoint": "random", "checkpoint_sha256": ""}
     if cfg.checkpoint:
+        from methods.convert import load_backbone
+
         path = Path(cfg.checkpoint).expanduser()
         try:
-            load_checkpoint(vit, path)
+            conv = load_backbone(vit, path)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
-        return vit.eval(), {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path)}
+        info = {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path), "checkpoint_layout": conv.layout}
+        return vit.eval(), {**info, "_method_states": conv.method_states}
     if cfg.dataset != "digits" or cfg.backbone != "digits_vit":
         raise UsageError(
             f"no checkpoint for backbone '{cfg.backbone}' on '{cfg.dataset}': pass --checkpoint PATH "
@@ -194,6 +198,9 @@ def method_weights(
     cfg: RunConfig, spec: methods.MethodSpec, vit: nn.Module, knobs: dict, backbone_info: dict, reporter: Reporter
 ) -> tuple[dict | None, dict]:
     """Fine-tuned state dict for methods that train (cached like the backbone), else None."""
+    given = backbone_info.get("_method_states", {}).get(spec.id)
+    if given:  # the checkpoint carries this method's own parameters (official AdaViT: its gates)
+        return {**vit.state_dict(), **given}, {"finetuned": True, "method_checkpoint": backbone_info["checkpoint"]}
     if spec.train is None:
         return None, {}
     settings = dict(spec.train_settings)
@@ -234,9 +241,10 @@ class Group:
     mode: str
     device: torch.device
     precision: str
+    label: str | None = None  # the cells' device when run on a worker of a --devices pool (its kind)
 
     def identity(self, batch_size: int) -> dict:
-        return {"method": self.method, "budget": self.budget, "mode": self.mode, "device": str(self.device),
+        return {"method": self.method, "budget": self.budget, "mode": self.mode, "device": self.label or str(self.device),
                 "precision": self.precision, "batch_size": batch_size}
 
 
@@ -292,14 +300,25 @@ def new_manifest(cfg: RunConfig, argv: list[str]) -> dict:
     }
 
 
-def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv: list[str] | None = None) -> Run:
-    """Run (or finish) a benchmark; returns the run. KeyboardInterrupt propagates after saving."""
+def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv: list[str] | None = None) -> Run | None:
+    """Run (or finish) a benchmark; returns the run (None on torchrun ranks other than 0).
+    KeyboardInterrupt propagates after saving."""
     root = Path(cfg.out)
     if resume:
         run = Run.find(root, resume)
         cfg = RunConfig.from_dict(run.manifest()["config"])
         reporter.print(f"resuming run {run.path} ({len(run.records())} cells already done)")
+    for m, b in implied_budgets(cfg.checkpoint).items():  # official A-ViT: the gate is in the file name
+        cfg.budgets.setdefault(m, b)
+    if cfg.workers:
+        cfg.devices = [parallel.check_pool(cfg.workers)[0].type]
     method_ids, devices = validate(cfg)
+    kernels.check_attention(cfg.attention, devices[0])
+    d = parallel.init(devices[0].type)
+    if d.active:
+        if cfg.workers:
+            raise UsageError("--devices spreads cells over processes itself; under torchrun use --device")
+        cfg.threads = cfg.threads or max(1, (os.cpu_count() or 1) // d.world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -307,11 +326,18 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
 
     from .store import ensure_writable
 
-    ensure_writable(run.path if resume else root)  # fail before any training or measuring
+    if d.main:
+        ensure_writable(run.path if resume else root)  # fail before any training or measuring
     vit = create_backbone(cfg)
     evalset = datasets.load(cfg, vit)
     groups = plan(cfg, method_ids, devices)
+    for g in groups if d.active else ():  # rank r runs on cuda:LOCAL_RANK; the cells keep the asked device
+        g.label, g.device = str(g.device), parallel.rank_device(g.device, d)
     vit, backbone_info = prepare_backbone(cfg, vit, reporter)
+    if not d.main:
+        _run_groups(cfg, None, groups, vit, backbone_info, evalset, reporter, d)
+        parallel.finish(d)
+        return None
     if resume:
         recorded = run.manifest().get("checkpoint_sha256")
         if recorded is not None and recorded != backbone_info.get("checkpoint_sha256"):
@@ -320,7 +346,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     else:
         run = Run.create(root, cfg.profile, new_manifest(cfg, argv or sys.argv))
     manifest = run.manifest()
-    manifest.update(backbone_info)
+    manifest.update({k: v for k, v in backbone_info.items() if not k.startswith("_")})
     manifest["status"] = "running"
     manifest["dataset"] = {"name": evalset.name, **evalset.info}
     manifest["backbone"] = {"name": cfg.backbone, "params_m": round(sum(p.numel() for p in vit.parameters()) / 1e6, 4),
@@ -331,7 +357,14 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}")
 
     try:
-        _run_groups(cfg, run, groups, vit, backbone_info, evalset, reporter)
+        if cfg.workers:
+            parallel.merge_workers(run)  # cells a worker of an interrupted run finished
+            for g in groups:  # fine-tune (and cache) here once, so workers never train the same thing twice
+                method_weights(cfg, methods.get(g.method), vit, g.knobs, backbone_info, reporter)
+            parallel.spawn(run, cfg.workers, len(groups), cfg.threads, reporter)
+        else:
+            _run_groups(cfg, run, groups, vit, backbone_info, evalset, reporter, d)
+            parallel.finish(d)
     except KeyboardInterrupt:
         manifest = run.manifest()
         manifest["status"] = "interrupted"
@@ -344,72 +377,147 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     return run
 
 
-def _run_groups(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, backbone_info: dict,
-                evalset: datasets.EvalSet, reporter: Reporter) -> None:
-    done = run.done_keys()
+def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Module, backbone_info: dict,
+                evalset: datasets.EvalSet, reporter: Reporter, d: parallel.Dist = parallel.Dist(),
+                done: set[str] | None = None) -> None:
+    """Measure ``groups``; under torchrun every rank evaluates its shard and rank 0 (``run``) does the rest."""
+    done = (run.done_keys() if run is not None else set()) | (done or set())
     dense_gmacs = methods.vit_shape(vit).dense_gmacs()
     references: dict[tuple, nn.Module] = {}
-    timing_cpu = evalset.timing_inputs(cfg.timing.timing_samples, cfg.seed)
-    overlay_cpu = timing_cpu[: tokenmap.N_IMAGES]  # report plot 5: the same few test images for every method
-    run.add_file(tokenmap.IMAGES_FILE, tokenmap.image_record(vit, overlay_cpu))
+    timing_cpu = evalset.timing_inputs(cfg.timing.timing_samples, cfg.seed) if d.main else None
+    overlay_cpu = timing_cpu[: tokenmap.N_IMAGES] if timing_cpu is not None else None  # report plot 5: the same images for every method
+    if run is not None and overlay_cpu is not None:
+        run.add_file(tokenmap.IMAGES_FILE, tokenmap.image_record(vit, overlay_cpu))
+    setup = {"attention": cfg.attention, "compile": cfg.compile_backend if cfg.compile else "off"}
     for g in groups:
-        todo = [b for b in cfg.batch_sizes if cell_key(g.identity(b)) not in done]
+        todo = parallel.broadcast([b for b in cfg.batch_sizes if cell_key(g.identity(b)) not in done], d)
         if not todo:
             continue
         spec = methods.get(g.method)
         state, method_info = method_weights(cfg, spec, vit, g.knobs, backbone_info, reporter)
         model = methods.build(g.method, vit, mode=g.mode, **g.knobs)
         if state is not None:
-            model.load_state_dict(state, strict=True)
-        model = model.to(g.device).eval()
+            load_strict(model, state, method_info.get("method_checkpoint", spec.id))
+        model = _runnable(kernels.set_attention(model.to(g.device).eval(), cfg.attention), cfg)
         ref_key = (str(g.device), g.precision)
         if g.method != "deit" and ref_key not in references:
-            references[ref_key] = methods.build("deit", vit).to(g.device).eval()
+            references[ref_key] = _runnable(kernels.set_attention(methods.build("deit", vit).to(g.device).eval(), cfg.attention), cfg)
         reference = references.get(ref_key) if g.method != "deit" else None
         name = f"{g.method} {g.budget}"
-        result = measure.evaluate(model, evalset.batches(cfg.eval_batch_size), evalset.n, g.device, g.precision, reporter,
-                                  label=f"eval {name}")
-        summary = result.summary()
-        token_blocks = tokenmap.token_blocks(model, overlay_cpu.to(g.device), g.precision)
-        inputs = timing_cpu.to(g.device)
-        for bs in todo:
-            t = measure.time_side_by_side(
-                model, reference, inputs, bs, g.device, g.precision,
-                cfg.timing.warmup_iters, cfg.timing.min_iters, cfg.timing.max_iters, cfg.timing.min_seconds,
-                reporter, label=f"time {name} bs={bs}",
-            )
-            mem, mem_kind = measure.peak_memory_mb(model, measure.batch_of(inputs, bs), g.device, g.precision, cfg.timing.memory_iters)
-            raw = {"correct1": result.correct1, "gmacs_per_sample": result.gmacs, "iter_seconds": np.asarray(t.pop("raw_seconds"))}
-            if token_blocks is not None:
-                raw["token_blocks"] = token_blocks
-            if "raw_dense_seconds" in t:
-                raw["dense_iter_seconds"] = np.asarray(t.pop("raw_dense_seconds"))
-            if g.method == "deit":
-                t["speedup"] = 1.0
-                t["dense_img_per_s"] = t["img_per_s"]
-                t["dense_latency_ms_p50"] = t["latency_ms_p50"]
-            record = {
-                **g.identity(bs),
-                "run_id": run.id,
-                "paper": spec.paper,
-                "arxiv": spec.arxiv,
-                "knobs": g.knobs,
-                "backbone": cfg.backbone,
-                "checkpoint": Path(backbone_info.get("checkpoint", "")).name,
-                "checkpoint_sha256": backbone_info.get("checkpoint_sha256", ""),
-                **method_info,
-                "dataset": evalset.name,
-                "device_name": device_name(g.device),
-                "threads": torch.get_num_threads(),
-                "param_count_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
-                **summary,
-                "dense_gmacs": dense_gmacs,
-                "gmacs_ratio": summary["gmacs"] / dense_gmacs,
-                **t,
-                "peak_mem_mb": round(mem, 2),
-                "peak_mem_kind": mem_kind,
-                "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            }
-            run.add_record(record, raw)
+        with kernels.attention_context(cfg.attention):
+            if d.active:  # every rank must take the same batches: no back-off under torchrun
+                result, eval_bs, eval_failed = parallel.evaluate(model, evalset, cfg.eval_batch_size, g.device, g.precision,
+                                                                 reporter, f"eval {name}", d), cfg.eval_batch_size, []
+            else:
+                result, eval_bs, eval_failed = kernels.with_backoff(
+                    lambda b, m=model: parallel.evaluate(m, evalset, b, g.device, g.precision, reporter, f"eval {name}", d),
+                    cfg.eval_batch_size, g.device)
+            skipped = parallel.gather(getattr(evalset, "skipped", {}), d)
+            if not d.main:
+                continue
+            if result is None:
+                raise UsageError(f"{name}: out of memory even at evaluation batch 1 on {g.device}")
+            _note_skipped(run, skipped)
+            summary = result.summary()
+            token_blocks = tokenmap.token_blocks(kernels.unwrap(model), overlay_cpu.to(g.device), g.precision)
+            inputs = timing_cpu.to(g.device)
+            for bs in todo:
+                cell, ran, failed = kernels.with_backoff(
+                    lambda b, m=model: _time_cell(cfg, g, m, reference, inputs, b, reporter, name), bs, g.device)
+                t, raw = cell if cell is not None else ({k: float("nan") for k in OOM_NAN}, {})
+                raw = {"correct1": result.correct1, "gmacs_per_sample": result.gmacs, **raw}
+                if token_blocks is not None:
+                    raw["token_blocks"] = token_blocks
+                record = {
+                    **g.identity(bs),
+                    "run_id": run.id,
+                    "paper": spec.paper,
+                    "arxiv": spec.arxiv,
+                    "knobs": g.knobs,
+                    "backbone": cfg.backbone,
+                    "checkpoint": Path(backbone_info.get("checkpoint", "")).name,
+                    "checkpoint_sha256": backbone_info.get("checkpoint_sha256", ""),
+                    **method_info,
+                    "dataset": evalset.name,
+                    "device_name": device_name(g.device),
+                    "threads": torch.get_num_threads(),
+                    "param_count_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+                    **summary,
+                    "dense_gmacs": dense_gmacs,
+                    "gmacs_ratio": summary["gmacs"] / dense_gmacs,
+                    **t,
+                    **setup,
+                    "status": "oom" if cell is None else ("oom_backoff" if failed else "ok"),
+                    "batch_size_run": ran,
+                    "oom_backoff": failed,
+                    "eval_batch_size": eval_bs,
+                    "eval_oom_backoff": eval_failed,
+                    "eval_world_size": d.world,
+                    "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                }
+                if g.label:
+                    record["worker_device"] = str(g.device)
+                run.add_record(record, raw)
         del model
 
+
+OOM_NAN = ("img_per_s", "speedup", "latency_ms_p50", "latency_ms_p90", "dense_img_per_s", "peak_mem_mb")
+
+
+def _runnable(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    return kernels.compile_model(model, cfg.compile_backend) if cfg.compile else model
+
+
+def _time_cell(cfg: RunConfig, g: Group, model: nn.Module, reference: nn.Module | None, inputs: torch.Tensor, bs: int,
+               reporter: Reporter, name: str) -> tuple[dict, dict]:
+    """Timing (interleaved with the dense reference) and peak memory of one cell at batch ``bs``."""
+    t = measure.time_side_by_side(
+        model, reference, inputs, bs, g.device, g.precision,
+        cfg.timing.warmup_iters, cfg.timing.min_iters, cfg.timing.max_iters, cfg.timing.min_seconds,
+        reporter, label=f"time {name} bs={bs}",
+    )
+    mem, mem_kind = measure.peak_memory_mb(model, measure.batch_of(inputs, bs), g.device, g.precision, cfg.timing.memory_iters)
+    raw = {"iter_seconds": np.asarray(t.pop("raw_seconds"))}
+    if "raw_dense_seconds" in t:
+        raw["dense_iter_seconds"] = np.asarray(t.pop("raw_dense_seconds"))
+    if g.method == "deit":
+        t["speedup"] = 1.0
+        t["dense_img_per_s"] = t["img_per_s"]
+        t["dense_latency_ms_p50"] = t["latency_ms_p50"]
+    return {**t, "peak_mem_mb": round(mem, 2), "peak_mem_kind": mem_kind}, raw
+
+
+def _note_skipped(run: Run, skipped: list[dict] | None) -> None:
+    """--skip-corrupt: the unreadable images met so far, counted and listed in the manifest."""
+    merged = {k: v for part in (skipped or []) for k, v in part.items()}
+    if not merged:
+        return
+    manifest = run.manifest()
+    ds = manifest.setdefault("dataset", {})
+    if ds.get("skipped_corrupt") != len(merged):
+        ds["skipped_corrupt"] = len(merged)
+        ds["skipped_files"] = sorted(merged.values())
+        run.write_manifest(manifest)
+
+
+def run_worker(run_path: Path, index: int, device: str, share: list[int], threads: int | None, reporter: Reporter) -> None:
+    """One worker of a ``--devices`` run (bench/parallel.py): its share of the planned groups on
+    ``device``, cells into ``workers/<index>/`` of the run, which the parent merges."""
+    main = Run.open(run_path)
+    cfg = RunConfig.from_dict(main.manifest()["config"])
+    method_ids, devices = validate(cfg)
+    torch.set_num_threads(threads or cfg.threads or max(1, (os.cpu_count() or 1) // len(cfg.workers)))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    groups = plan(cfg, method_ids, devices)
+    mine = [groups[i] for i in share]
+    for g in mine:
+        g.label, g.device = str(g.device), resolve_device(device)
+    vit = create_backbone(cfg)
+    evalset = datasets.load(cfg, vit)
+    vit, backbone_info = prepare_backbone(cfg, vit, reporter)
+    folder = parallel.worker_folder(main.path, index)
+    folder.mkdir(parents=True, exist_ok=True)
+    part = Run(folder)
+    part.write_manifest({"worker": index, "device": device, "groups": share})
+    _run_groups(cfg, part, mine, vit, backbone_info, evalset, reporter, done=main.done_keys())

@@ -226,7 +226,7 @@ def _attention(attn: nn.Module, y: torch.Tensor, lay: _Layout) -> torch.Tensor:
     qkv = attn.qkv(y)
     width = qkv.shape[-1]
     if lay.flat is not None:
-        qkv = qkv.new_zeros(lay.slots, width).index_copy(0, lay.flat, qkv)
+        qkv = qkv.new_zeros(lay.slots, width).index_copy_(0, lay.flat, qkv)
     qkv = qkv.view(lay.batch, lay.length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)

@@ -80,48 +80,14 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` file without running pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read a ``.safetensors`` or ``.pth``/``.pt`` file without running pickled code (methods/convert.py)."""
+    from .convert import read_state_dict as read
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely (weights_only=True refused it: {str(e).splitlines()[0][:160]}); "
-            "re-save it as a plain state dict or .safetensors"
-        ) from None
-    for key in ("state_dict_ema", "model_ema", "model", "state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return read(path)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load strictly; a mismatch lists the missing and unexpected keys (METHODS.md section 6)."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+    from .convert import load_strict
 
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {few(unexpected)}")
-        if wrong:
-            parts.append(f"shape mismatch: {few(wrong)}")
-        raise CheckpointError(f"checkpoint {path} does not fit the backbone ({'; '.join(parts)}); check --backbone")
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_strict(model, read_state_dict(path), str(path))

@@ -19,3 +19,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def bench_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("bench")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "bench.cli"]
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``bench ARGS`` in this process (the console script's entry point): exit code, stdout, stderr."""
+    from bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -14,6 +14,7 @@ import timm
 import torch
 
 import methods
+from bench import budgets
 from methods.ats import ATSConfig, _unpack, policy_softmax, resolve_config, sample_tokens, token_scores
 
 
@@ -66,12 +67,8 @@ def test_registered_with_knobs_modes_and_budgets():
     assert {k.name for k in spec.knobs} == {"keep", "tokens", "blocks", "single_stage", "official_padding"}
     assert len(spec.default_budgets) >= 4
     vit = timm.create_model("digits_vit")
-    for budget in spec.default_budgets:  # "0.5" sets keep; "knob:value+knob:value" with lists as a/b
-        knobs = {}
-        for part in budget.split("+"):
-            name, value = part.split(":") if ":" in part else ("keep", part)
-            items = [float(v) if "." in v else int(v) for v in value.split("/")]
-            knobs[name] = items if len(items) > 1 else items[0]
+    for budget in spec.default_budgets:  # parsed as the harness parses them
+        knobs = budgets.parse("ats", budget)
         methods.build("ats", vit, **knobs)  # valid on the 6-block digits ViT
     assert {"tokens_kept", "budgeted_form", "padding_waste"} <= set(spec.extras)
 

@@ -2,18 +2,17 @@
 measured value changed the way a regression would change it."""
 import json
 import shutil
-import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench import cli, compare
+from bench import compare
 from bench.errors import UsageError
 from bench.store import Run
 from benchrun import bench, smoke_run
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +21,9 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def main(*args, monkeypatch, capsys) -> tuple[int, str, str]:
-    """`bench ARGS` in this process (the CLI's own main: exit codes and one-line errors included)."""
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    """`bench ARGS` in this process, from the project root (its bench.toml holds the thresholds)."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("COLUMNS", "250")
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(monkeypatch, capsys, *args)
 
 
 def copy_run(run_dir: Path, dest: Path, edit=None, manifest=None, quiet_timing=False) -> Path:
