@@ -103,6 +103,9 @@ def find(ref: str, results: Path) -> Run:
         return Run(p)
     if (Path(results) / BASELINES / ref / MANIFEST).is_file():
         return Run(Path(results) / BASELINES / ref)
+    if not p.exists() and not (Path(results) / ref).exists() and ref != "latest":
+        raise UsageError(f"no run or baseline '{ref}' (looked for {p}, {Path(results) / ref} and "
+                         f"{Path(results) / BASELINES / ref}); pass a path, or --results for another results root")
     return Run.find(Path(results), ref)
 
 
