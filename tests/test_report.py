@@ -75,6 +75,21 @@ def test_token_maps_agree_with_the_trace(method, knobs):
             assert (blocks[:, 0] == depth).all()  # CLS is never dropped
 
 
+def test_token_maps_out_of_memory_is_no_map_and_other_errors_propagate():
+    model = methods.build("deit", _tiny_vit()).eval()
+    x = torch.randn(2, 1, 64, 64)
+    for error, expect_none in ((torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), True),
+                               (RuntimeError("shape mismatch"), False)):
+        def fail(*_a, error=error):
+            raise error
+        model.forward = fail
+        if expect_none:
+            assert tokenmap.token_blocks(model, x, "fp32") is None
+        else:
+            with pytest.raises(RuntimeError, match="shape mismatch"):
+                tokenmap.token_blocks(model, x, "fp32")
+
+
 def test_overlay_images_record():
     vit = _tiny_vit()
     x = torch.randn(3, 1, 64, 64)
