@@ -318,6 +318,29 @@ def markdown(cmp: Comparison, show_all: bool = False) -> str:
 # baselines
 
 
+WEIGHTS = "weights"  # fine-tuned method checkpoints a baseline was measured with
+
+
+def _copy_method_weights(run: Run, dest: Path) -> list[str]:
+    """Copy the fine-tuned method checkpoints of ``run``'s cells (A-ViT, AdaViT: the harness's
+    cache files) into ``dest``. A CI machine seeds its cache with them (``.ci/run``), so the gate
+    compares the code on the very weights the baseline used: fine-tuning on another CPU can round
+    differently, and halting / gating decisions would then move GMACs for reasons that are not a
+    regression. A change to a recipe changes the cache key, so it still fine-tunes afresh."""
+    names = []
+    for rec in run.records():
+        src = rec.get("method_checkpoint")
+        if not rec.get("finetuned") or not src or src == rec.get("checkpoint"):
+            continue
+        path = Path(src)
+        if path.suffix != ".safetensors" or not path.is_file() or path.name in names:
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / path.name)
+        names.append(path.name)
+    return names
+
+
 def update_baseline(run: Run, root: Path) -> tuple[Path, str | None]:
     """Copy ``run`` (manifest, records, raw) to ``root/<profile>/``, replacing what was there.
 
@@ -348,7 +371,9 @@ def update_baseline(run: Run, root: Path) -> tuple[Path, str | None]:
         shutil.copy2(run.path / RECORDS, tmp / RECORDS)
         if (run.path / "raw").is_dir():
             shutil.copytree(run.path / "raw", tmp / "raw")
-        m = {**m, "baseline_of": run.id, "baseline_updated": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        weights = _copy_method_weights(run, tmp / WEIGHTS)
+        m = {**m, "baseline_of": run.id, "baseline_updated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+             "baseline_weights": weights}
         Run(tmp).write_manifest(m)
         old = None
         if dest.exists():

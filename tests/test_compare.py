@@ -217,3 +217,27 @@ def test_committed_ci_baseline_matches_the_ci_profile():
     have = {(r["method"], r["budget"], r["batch_size"]) for r in base.records()}
     assert have == wanted
     assert all("correct1" in base.raw(r) for r in base.records())
+    # every fine-tuned cell's weights travel with the baseline, under the cache name the run looks up
+    tuned = {Path(r["method_checkpoint"]).name for r in base.records() if r.get("finetuned")}
+    assert tuned and sorted(tuned) == sorted(m["baseline_weights"])
+    assert all((base.path / "weights" / name).is_file() for name in tuned)
+
+
+def test_baseline_update_copies_fine_tuned_weights(run_dir, tmp_path, monkeypatch, capsys):
+    """A fine-tuned cell's method checkpoint is copied into the baseline's weights/ folder (once);
+    the backbone checkpoint and missing files are not."""
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    ckpt = tmp_path / "cache" / "digits_vit-avit-0123456789abcdef.safetensors"
+    ckpt.parent.mkdir()
+    save_file({"w": torch.arange(4.0)}, str(ckpt))
+    results = tmp_path / "results"
+    mark = _set(_ats(), finetuned=True, method_checkpoint=str(ckpt))
+    copy_run(run_dir, results / run_dir.name, edit=mark)
+    code, out, err = main("baseline", "update", "--results", str(results), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    base = results / "baselines" / "smoke"
+    assert Run(base).manifest()["baseline_weights"] == [ckpt.name]
+    assert sorted(p.name for p in (base / "weights").iterdir()) == [ckpt.name]
+    assert torch.equal(load_file(str(base / "weights" / ckpt.name))["w"], torch.arange(4.0))
