@@ -154,7 +154,7 @@ def report(
     results: str = typer.Option("results", "--results", help="Results root to look runs up in."),
     out: str = typer.Option("reports", "--out", help="Reports root folder."),
 ) -> None:
-    """Write the leaderboard (Markdown and CSV) of one or more runs under reports/."""
+    """Write the leaderboard (Markdown, CSV, a self-contained HTML page) and plots of one or more runs under reports/."""
     from . import report as report_mod
     from .store import Run
 
@@ -162,6 +162,67 @@ def report(
     folder = report_mod.write(chosen, Path(out))
     console.print(f"report: {folder / 'leaderboard.md'}")
     console.print(f"csv:    {folder / 'leaderboard.csv'}")
+    console.print(f"html:   {folder / 'report.html'}")
+
+
+@app.command()
+def compare(
+    baseline: str = typer.Argument(..., help="Baseline: run id or path, a baseline folder, or a profile name under RESULTS/baselines/."),
+    current: str = typer.Argument("latest", help="Current run: id, path or 'latest'."),
+    results: str = typer.Option("results", "--results", help="Results root to look runs (and baselines/) up in."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Gates that fail: comma list of accuracy, gmacs, speed, missing, stale (improvements: the baseline is out of date), or all / none. Default: \\[compare] in bench.toml."),
+    tolerance: Optional[list[str]] = typer.Option(None, "--tolerance", help="Override thresholds: accuracy=POINTS, gmacs=REL, speed=REL (e.g. 'speed=40%,gmacs=0.01'); repeatable."),
+    show_all: bool = typer.Option(False, "--all", help="List every matched cell, not only the changed ones."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the comparison as Markdown (e.g. a PR summary)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="bench.toml with the \\[compare] thresholds."),
+) -> None:
+    """Match cells of two runs and gate regressions: accuracy (points, CI-aware), gmacs (relative), speedup over dense. Exit 1 on a regression."""
+    from . import compare as compare_mod
+    from . import config as config_mod
+
+    data, _ = config_mod.load_file(config)
+    th = compare_mod.thresholds(data.get("compare", {}), tolerance, fail_on)
+    base, cur = compare_mod.find(baseline, Path(results)), compare_mod.find(current, Path(results))
+    cmp = compare_mod.compare(base, cur, th)
+    table = Table(title=f"bench compare {base.path} -> {cur.path}")
+    for h in compare_mod.HEADERS:
+        table.add_column(h)
+    for row in compare_mod.table_rows(cmp, show_all):
+        table.add_row(*row)
+    if table.row_count:
+        console.print(table)
+    for note in cmp.notes:
+        console.print(f"note: {note}")
+    console.print(compare_mod.summary(cmp))
+    if markdown:
+        from .store import atomic_write
+
+        atomic_write(markdown, compare_mod.markdown(cmp, show_all).encode())
+    failures = cmp.failures()
+    if failures:
+        err.print(f"[bold red]regression:[/] {', '.join(f'{g}: {n} cell(s)' for g, n in failures.items())} "
+                  f"(gates failing: {', '.join(th.fail_on)}; thresholds: --tolerance, [compare] in bench.toml)", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print("no regression")
+
+
+baseline_app = typer.Typer(no_args_is_help=True, help="Baselines that `bench compare` gates against (RESULTS/baselines/<profile>/).")
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("update")
+def baseline_update(
+    run_ref: str = typer.Argument("latest", metavar="RUN", help="Complete run to make the baseline of its profile: id, path or 'latest'."),
+    results: str = typer.Option("results", "--results", help="Results root to look the run up in."),
+    to: Optional[str] = typer.Option(None, "--to", help="Baselines root (default: RESULTS/baselines)."),
+) -> None:
+    """Deliberately replace the baseline of the run's profile with this run (commit the folder afterwards)."""
+    from . import compare as compare_mod
+    from .store import Run
+
+    run_ = Run.find(Path(results), run_ref)
+    dest, previous = compare_mod.update_baseline(run_, Path(to) if to else Path(results) / compare_mod.BASELINES)
+    console.print(f"baseline: {dest} <- run {run_.id}" + (f" (replaced run {previous})" if previous else " (new)"))
 
 
 LIST_WHAT = ("methods", "datasets", "profiles", "budgets")

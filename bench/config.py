@@ -91,7 +91,19 @@ PROFILE_SCHEMA: dict[str, Any] = {
         },
     ),
 }
-FILE_SCHEMA: dict[str, Any] = {"cache_dir": str, "profiles": ("map", ("table", PROFILE_SCHEMA))}
+# `bench compare` gates (bench/compare.py): thresholds and which gates fail the command.
+COMPARE_SCHEMA: dict[str, Any] = {
+    "fail_on": ("list", str),
+    "accuracy_points": NUMBER,
+    "gmacs_rel": NUMBER,
+    "speed_rel": NUMBER,
+    "confidence": NUMBER,
+}
+FILE_SCHEMA: dict[str, Any] = {
+    "cache_dir": str,
+    "compare": ("table", COMPARE_SCHEMA),
+    "profiles": ("map", ("table", PROFILE_SCHEMA)),
+}
 
 
 def _type_name(spec: Any) -> str:

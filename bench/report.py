@@ -1,4 +1,5 @@
-"""``bench report``: leaderboards (Markdown and CSV) under ``reports/`` from one or more runs."""
+"""``bench report``: leaderboards (Markdown, CSV and a self-contained HTML page with plots) under
+``reports/`` from one or more runs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,7 @@ def load(runs: list[Run]) -> pd.DataFrame:
         df = run.dataframe()
         if df.empty:
             raise UsageError(f"run {run.path} has no finished cells yet; finish it with `bench run --resume {run.id}`")
-        frames.append(df)
+        frames.append(df.assign(_run=str(run.path)))  # which folder a row came from (run_id may repeat in copies)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -36,23 +37,29 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns="_m").reset_index(drop=True)
 
 
-def markdown(df: pd.DataFrame, runs: list[Run]) -> str:
-    lines = ["# bench leaderboard", ""]
+def run_lines(runs: list[Run]) -> list[str]:
+    """One line per run: what produced the numbers (profile, weights, versions, commit)."""
+    lines = []
     for run in runs:
         m = run.manifest()
         lines.append(
-            f"- run `{run.id}`: profile `{m.get('profile')}`, backbone `{m.get('backbone', {}).get('name')}` "
+            f"run `{run.id}`: profile `{m.get('profile')}`, backbone `{m.get('backbone', {}).get('name')}` "
             f"(checkpoint `{Path(str(m.get('checkpoint', ''))).name}`, sha256 `{str(m.get('checkpoint_sha256', ''))[:12]}`), "
             f"torch {m.get('versions', {}).get('torch')}, timm {m.get('versions', {}).get('timm')}, "
             f"{m.get('threads')} threads, commit `{str((m.get('git') or {}).get('commit'))[:10]}`, status {m.get('status')}"
         )
-    lines += [
-        "",
-        "gmacs: multiply-accumulates per sample (fvcore convention, mean over the test list), from each sample's "
-        "trace. speedup: dense median time / method median time, measured interleaved in the same process. "
-        "top1 CI: 95% Wilson interval.",
-        "",
-    ]
+    return lines
+
+
+NOTES = ("gmacs: multiply-accumulates per sample (fvcore convention, mean over the test list), from each sample's "
+         "trace. speedup: dense median time / method median time, measured interleaved in the same process. "
+         "top1 CI: 95% Wilson interval.")
+
+
+def markdown(df: pd.DataFrame, runs: list[Run]) -> str:
+    lines = ["# bench leaderboard", ""]
+    lines += [f"- {line}" for line in run_lines(runs)]
+    lines += ["", NOTES, ""]
     show = df.copy()
     show["top1"] = [f"{t:.2f} [{lo:.1f}, {hi:.1f}]" for t, lo, hi in zip(df["top1"], df["top1_ci_low"], df["top1_ci_high"])]
     show = show.drop(columns=[c for c in ("top1_ci_low", "top1_ci_high", "run_id", "device_name") if c in show.columns])
@@ -64,7 +71,11 @@ def markdown(df: pd.DataFrame, runs: list[Run]) -> str:
 
 
 def write(runs: list[Run], out_root: Path) -> Path:
-    df = leaderboard(load(runs))
+    """leaderboard.csv / .md, plots/*.png + .svg and report.html under ``out_root/<run ids>/``."""
+    from . import html, plots
+
+    raw_df = load(runs)
+    df = leaderboard(raw_df)
     name = "+".join(r.id for r in runs)
     folder = Path(out_root) / name
     try:
@@ -73,4 +84,8 @@ def write(runs: list[Run], out_root: Path) -> Path:
         raise UsageError(f"report folder {folder} cannot be written ({e.strerror or e}); pass --out") from None
     atomic_write(folder / "leaderboard.csv", df.to_csv(index=False, float_format="%.6g").encode())
     atomic_write(folder / "leaderboard.md", markdown(df, runs).encode())
+    figures = plots.draw_all(raw_df, runs, folder / "plots")
+    lines = [line.replace("`", "") for line in run_lines(runs)]
+    page = html.page(f"bench report {name}", lines, NOTES, df, figures, folder)
+    atomic_write(folder / "report.html", page.encode())
     return folder

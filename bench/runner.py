@@ -19,7 +19,7 @@ from methods.backbones import CheckpointError, load_checkpoint
 from methods.convert import implied_budgets, load_strict
 
 from . import budgets as budgets_mod
-from . import cache, datasets, kernels, measure, parallel
+from . import cache, datasets, kernels, measure, parallel, tokenmap
 from .config import RunConfig
 from .errors import UsageError
 from .progress import Reporter
@@ -400,6 +400,9 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
     dense_gmacs = methods.vit_shape(vit).dense_gmacs()
     references: dict[tuple, nn.Module] = {}
     timing_cpu = evalset.timing_inputs(cfg.timing.timing_samples, cfg.seed) if d.main else None
+    overlay_cpu = timing_cpu[: tokenmap.N_IMAGES] if timing_cpu is not None else None  # report plot 5: the same images for every method
+    if run is not None and overlay_cpu is not None:
+        run.add_file(tokenmap.IMAGES_FILE, tokenmap.image_record(vit, overlay_cpu))
     setup = {"attention": cfg.attention, "compile": cfg.compile_backend if cfg.compile else "off"}
     for g in groups:
         todo = parallel.broadcast([b for b in cfg.batch_sizes if cell_key(g.identity(b)) not in done], d)
@@ -431,12 +434,15 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
                 raise UsageError(f"{name}: out of memory even at evaluation batch 1 on {g.device}")
             _note_skipped(run, skipped)
             summary = result.summary()
+            token_blocks = tokenmap.token_blocks(kernels.unwrap(model), overlay_cpu.to(g.device), g.precision)
             inputs = timing_cpu.to(g.device)
             for bs in todo:
                 cell, ran, failed = kernels.with_backoff(
                     lambda b, m=model: _time_cell(cfg, g, m, reference, inputs, b, reporter, name), bs, g.device)
                 t, raw = cell if cell is not None else ({k: float("nan") for k in OOM_NAN}, {})
                 raw = {"correct1": result.correct1, "gmacs_per_sample": result.gmacs, **raw}
+                if token_blocks is not None:
+                    raw["token_blocks"] = token_blocks
                 record = {
                     **g.identity(bs),
                     "run_id": run.id,

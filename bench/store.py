@@ -147,6 +147,23 @@ class Run:
         lines = [dumps(r) for r in existing + [record]]
         atomic_write(self.path / RECORDS, ("\n".join(lines) + "\n").encode())
 
+    def add_file(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """A run-level side file (``raw/...npz``), written atomically, once: a resumed run keeps it."""
+        path = self.path / name
+        if path.is_file():
+            return
+        buf = __import__("io").BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic_write(path, buf.getvalue())
+
+    def raw(self, record: dict) -> dict[str, np.ndarray]:
+        """The raw arrays of one cell (per-iteration times, per-sample correctness and GMACs, ...)."""
+        name = record.get("raw")
+        if not isinstance(name, str) or not (self.path / name).is_file():
+            return {}
+        with np.load(self.path / name) as f:
+            return {k: f[k] for k in f.files}
+
     def dataframe(self):
         import pandas as pd
 
