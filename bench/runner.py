@@ -400,7 +400,8 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
     dense_gmacs = methods.vit_shape(vit).dense_gmacs()
     references: dict[tuple, nn.Module] = {}
     timing_cpu = evalset.timing_inputs(cfg.timing.timing_samples, cfg.seed) if d.main else None
-    overlay_cpu = timing_cpu[: tokenmap.N_IMAGES] if timing_cpu is not None else None  # report plot 5: the same images for every method
+    # report plot 5: the same images for every method (images only: video token maps are not drawn)
+    overlay_cpu = timing_cpu[: tokenmap.N_IMAGES] if timing_cpu is not None and evalset.views is None else None
     if run is not None and overlay_cpu is not None:
         run.add_file(tokenmap.IMAGES_FILE, tokenmap.image_record(vit, overlay_cpu))
     setup = {"attention": cfg.attention, "compile": cfg.compile_backend if cfg.compile else "off"}
@@ -434,7 +435,8 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
                 raise UsageError(f"{name}: out of memory even at evaluation batch 1 on {g.device}")
             _note_skipped(run, skipped)
             summary = result.summary()
-            token_blocks = tokenmap.token_blocks(kernels.unwrap(model), overlay_cpu.to(g.device), g.precision)
+            token_blocks = (tokenmap.token_blocks(kernels.unwrap(model), overlay_cpu.to(g.device), g.precision)
+                            if overlay_cpu is not None else None)
             inputs = timing_cpu.to(g.device)
             for bs in todo:
                 cell, ran, failed = kernels.with_backoff(
