@@ -153,6 +153,13 @@ class AdaViT(TracedViT):
     # -- setup --------------------------------------------------------------------------------
 
     def _adavit_check(self) -> None:
+        if getattr(self, "cls_token", None) is None or self.num_prefix_tokens != 1:
+            # the head and block gates read the CLS token of each block input (METHODS.md 3.1); on a
+            # model without one (VideoMAE: mean pooling) x[:, 0] would be a patch token
+            raise TypeError(
+                "AdaViT's head and block gates read the CLS token (METHODS.md 3.1); this model has "
+                f"{self.num_prefix_tokens} prefix token(s): use a backbone with a class token"
+            )
         for i, blk in enumerate(self.blocks):
             attn = blk.attn
             for name in ("qkv", "proj", "q_norm", "k_norm", "norm"):

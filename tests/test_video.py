@@ -107,6 +107,14 @@ def test_every_method_runs_on_video_tokens(method, knobs):
         assert bool((tr.gmacs < dense).all())
 
 
+@pytest.mark.parametrize("method", ["ats", "adavit"])
+def test_cls_reading_methods_refuse_videomae_without_a_class_token(method):
+    """ATS scores by CLS attention and AdaViT gates heads/blocks on the CLS token: on VideoMAE's
+    ViT (mean pooling, no CLS) both refuse with a clear error rather than read a patch token."""
+    with pytest.raises((TypeError, ValueError), match="0 prefix token"):
+        methods.build(method, tiny_videomae())
+
+
 def test_ats_compact_equals_reference_on_video_tokens():
     vit = tiny_digits_video()
     x = torch.randn(4, 1, 8, 32, 32)
