@@ -112,7 +112,8 @@ class Run:
             return Run(Path(root) / ref)
         if p.exists() or (Path(root) / ref).exists():
             return Run.open(p if p.exists() else Path(root) / ref)
-        raise UsageError(f"no run '{ref}' (looked for {p} and {Path(root) / ref}); `ls {root}` lists runs")
+        where = str(p) if p == Path(root) / ref else f"{p} and {Path(root) / ref}"
+        raise UsageError(f"no run '{ref}' (looked for {where}); `ls {root}` lists runs")
 
     def manifest(self) -> dict:
         try:

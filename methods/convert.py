@@ -67,7 +67,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "re-save its state dict with torch.save(model.state_dict(), ...) or as .safetensors"
         ) from None
     except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as a torch (.pth) or safetensors file ({detail}); "
+            "pass a state dict saved with torch.save or safetensors"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("module"), dict):  # VideoMAE (DeepSpeed) wraps it so
         state = state["module"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
