@@ -71,6 +71,22 @@ def _upscale_all(images: np.ndarray, side: int) -> np.ndarray:
     return F.interpolate(t, size=(side, side), mode="bilinear", align_corners=False)[:, 0].clamp_(0, 1).numpy()
 
 
+def cut_fragment(rng: np.random.Generator, scaled: np.ndarray, avoid: int, fragment_size: tuple[int, int]) -> np.ndarray:
+    """A clutter fragment: a random fh x fw window (in source-digit pixels of 8x8, sizes drawn from
+    ``fragment_size``) of a random source digit other than ``avoid``, cut from ``scaled`` (every
+    source digit at the size in use, so the fragment looks like part of a digit of that scale)."""
+    flo, fhi = fragment_size
+    scale = scaled.shape[-1] / 8.0
+    j = int(rng.integers(0, len(scaled)))
+    if j == avoid:
+        j = (j + 1) % len(scaled)
+    fh, fw = (int(v) for v in rng.integers(flo, fhi + 1, size=2))
+    y0, x0 = (int(v) for v in rng.integers(0, 8 - np.array([fh, fw]) + 1))
+    r0, r1 = round(y0 * scale), max(round((y0 + fh) * scale), round(y0 * scale) + 1)
+    c0, c1 = round(x0 * scale), max(round((x0 + fw) * scale), round(x0 * scale) + 1)
+    return scaled[j, r0:r1, c0:c1]
+
+
 def render(images: np.ndarray, labels: np.ndarray, n: int, cfg: DigitsConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` canvases (n, 1, canvas, canvas) in [0, 1] and their labels, from the given sources."""
     rng = np.random.default_rng(seed)
@@ -84,21 +100,12 @@ def render(images: np.ndarray, labels: np.ndarray, n: int, cfg: DigitsConfig, se
     # Every source digit upscaled to every size in use, one interpolate call per size; clutter
     # fragments are cut from these, so a fragment looks like part of a digit of the same scale.
     scaled = {int(s): _upscale_all(images, int(s)) for s in np.unique(sides)}
-    flo, fhi = cfg.fragment_size
     clo, chi = cfg.clutter
     for i in range(n):
         s = int(sides[i])
-        scale = s / 8.0
         # Clutter first, so the digit is drawn on top where they overlap.
         for _ in range(int(rng.integers(clo, chi + 1))):
-            j = int(rng.integers(0, len(labels)))
-            if j == pick[i]:
-                j = (j + 1) % len(labels)
-            fh, fw = (int(v) for v in rng.integers(flo, fhi + 1, size=2))
-            y0, x0 = (int(v) for v in rng.integers(0, 8 - np.array([fh, fw]) + 1))
-            r0, r1 = round(y0 * scale), max(round((y0 + fh) * scale), round(y0 * scale) + 1)
-            c0, c1 = round(x0 * scale), max(round((x0 + fw) * scale), round(x0 * scale) + 1)
-            frag = scaled[s][j, r0:r1, c0:c1]
+            frag = cut_fragment(rng, scaled[s], int(pick[i]), cfg.fragment_size)
             ph, pw = frag.shape
             py, px = int(rng.integers(0, size - ph + 1)), int(rng.integers(0, size - pw + 1))
             region = canvases[i, py : py + ph, px : px + pw]

@@ -80,22 +80,12 @@ def render(images: np.ndarray, labels: np.ndarray, n: int, cfg: MovingDigitsConf
     pick = rng.integers(0, len(labels), size=n)
     sides = rng.integers(lo, hi + 1, size=n)
     scaled = {int(s): digits._upscale_all(images, int(s)) for s in np.unique(sides)}
-    flo, fhi = cfg.fragment_size
     clo, chi = cfg.clutter
     digit_paths = _paths(rng, n, (size - sides).astype(np.float64), frames, cfg.speed)
     for i in range(n):
         s = int(sides[i])
-        scale = s / 8.0
-        frags = []
-        for _ in range(int(rng.integers(clo, chi + 1))):
-            j = int(rng.integers(0, len(labels)))
-            if j == pick[i]:
-                j = (j + 1) % len(labels)
-            fh, fw = (int(v) for v in rng.integers(flo, fhi + 1, size=2))
-            y0, x0 = (int(v) for v in rng.integers(0, 8 - np.array([fh, fw]) + 1))
-            r0, r1 = round(y0 * scale), max(round((y0 + fh) * scale), round(y0 * scale) + 1)
-            c0, c1 = round(x0 * scale), max(round((x0 + fw) * scale), round(x0 * scale) + 1)
-            frags.append(scaled[s][j, r0:r1, c0:c1])
+        frags = [digits.cut_fragment(rng, scaled[s], int(pick[i]), cfg.fragment_size)
+                 for _ in range(int(rng.integers(clo, chi + 1)))]
         if frags:
             room = np.array([size - max(f.shape) for f in frags], dtype=np.float64)
             frag_paths = _paths(rng, len(frags), room, frames, cfg.speed)
