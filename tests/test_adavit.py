@@ -299,6 +299,22 @@ def test_compact_matches_reference_per_sample_and_batched(vit, variant):
     assert bool((tc.gmacs < dense).all())
 
 
+def test_sliced_weights_follow_new_weights(vit):
+    """compact caches head-sliced weights per head set at inference; loading new weights (an
+    in-place copy) must be seen by the next forward, which still equals the reference."""
+    ref, comp = _pair(vit)
+    x = _inputs(8)
+    with torch.no_grad():
+        before = comp(x)
+        assert comp.__dict__.get("_adavit_slices")  # heads were dropped, so slices were cached
+        state = {k: (v * 1.5 if k.endswith(("qkv.weight", "proj.weight", "fc1.weight")) else v) for k, v in ref.state_dict().items()}
+        ref.load_state_dict(state)
+        comp.load_state_dict(state)
+        after, expected = comp(x), ref(x)
+    assert (after - before).abs().max() > 1e-2
+    assert (after - expected).abs().max() < 1e-4
+
+
 def test_compact_executes_what_the_trace_says(vit):
     """The arithmetic compact runs (torch's FlopCounterMode: linears, convolutions, attention)
     matches the per-sample executed count, and is far below the reference's dense arithmetic."""
