@@ -330,9 +330,11 @@ def _copy_method_weights(run: Run, dest: Path) -> list[str]:
     names = []
     for rec in run.records():
         src = rec.get("method_checkpoint")
-        if not rec.get("finetuned") or not src or src == rec.get("checkpoint"):
+        if not rec.get("finetuned") or not src:
             continue
         path = Path(src)
+        if path.name == rec.get("checkpoint"):  # the user's checkpoint carried the method's weights
+            continue
         if path.suffix != ".safetensors" or not path.is_file() or path.name in names:
             continue
         dest.mkdir(parents=True, exist_ok=True)

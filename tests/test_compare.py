@@ -233,8 +233,12 @@ def test_baseline_update_copies_fine_tuned_weights(run_dir, tmp_path, monkeypatc
     ckpt.parent.mkdir()
     save_file({"w": torch.arange(4.0)}, str(ckpt))
     results = tmp_path / "results"
+    backbone = tmp_path / "user" / "backbone.safetensors"  # a user checkpoint that carried the method's weights
+    backbone.parent.mkdir()
+    save_file({"w": torch.zeros(2)}, str(backbone))
     mark = _set(_ats(), finetuned=True, method_checkpoint=str(ckpt))
-    copy_run(run_dir, results / run_dir.name, edit=mark)
+    given = _set(lambda r: r["method"] == "deit", finetuned=True, method_checkpoint=str(backbone), checkpoint=backbone.name)
+    copy_run(run_dir, results / run_dir.name, edit=lambda r: given(mark(r)))
     code, out, err = main("baseline", "update", "--results", str(results), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     base = results / "baselines" / "smoke"
