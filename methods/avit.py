@@ -452,7 +452,9 @@ class AViT(TracedViT):
         if int(tokens.max()) < len(table):
             gmacs = table[tokens].sum(dim=1) + fixed
         else:  # more tokens than the model was built for (e.g. a dynamic image size)
-            gmacs = self.bench_shape.gmacs_from_tokens(tokens, torch.full((len(tokens),), 1.0 if self._cls_only() else float(tokens.shape[1])))
+            # the final norm / head see the CLS token, or every token (all of them enter block 0)
+            n_final = torch.ones(len(tokens), dtype=torch.float64) if self._cls_only() else tokens[:, 0].to(torch.float64)
+            gmacs = self.bench_shape.gmacs_from_tokens(tokens, n_final)
         self.record(
             tokens.cpu(),
             gmacs=gmacs,

@@ -161,6 +161,20 @@ def test_threshold_halts_strictly_above_one_minus_eps():
 # -- test 7: masked execution equals physical removal --------------------------------------------
 
 
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_gmacs_lookup_table_equals_the_closed_form(images, pool):
+    """Per-sample gmacs come from a per-token-count table; with more tokens than the table holds
+    (a dynamic image size) the closed form is used instead: both must give the same numbers,
+    for a CLS head and for average pooling (where the final norm sees every token)."""
+    torch.manual_seed(0)
+    model = methods.build("avit", create_digits_vit(global_pool=pool, fc_norm=False).eval(), gate_scale=3.0, gate_center=0.5)
+    _, table = run(model, images)
+    model.__dict__["_avit_gmacs_table"] = (model._gmacs_table()[0][:2], model._gmacs_table()[1])  # force the fallback
+    _, closed = run(model, images)
+    assert 1.0 < float(table.depths.float().mean()) < DEPTH
+    assert torch.allclose(table.gmacs, closed.gmacs, rtol=1e-12)
+
+
 @pytest.mark.parametrize("gate_center", [-0.5, 0.5, 1.5])
 def test_masked_equals_compact(vit, images, gate_center):
     knobs = {"gate_scale": 3.0, "gate_center": gate_center}
