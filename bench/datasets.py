@@ -160,15 +160,23 @@ def _digits_model_kwargs(cfg: RunConfig) -> dict:
     return {"num_classes": 10, "in_chans": 1, "img_size": digits_config(cfg).canvas}
 
 
-def _load_digits(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+def _embedded_test_set(cfg: RunConfig, name: str, data, dc, empty_share: tuple, views: int | None = None) -> EvalSet:
+    """The seeded test list of an embedded data set (``data``: bench.data.digits or moving_digits,
+    ``dc`` its config); ``empty_share`` names and measures the share of empty patches / tubelets."""
     if cfg.data is not None:
-        raise UsageError("data set 'digits' is embedded and takes no --data path; drop --data or pick another --dataset")
-    dc = digits_config(cfg)
-    x, y = digits.make_split(dc, "test")
+        raise UsageError(f"data set '{name}' is embedded and takes no --data path; drop --data or pick another --dataset")
+    x, y = data.make_split(dc, "test")
     if cfg.test_samples:
         x, y = x[: cfg.test_samples], y[: cfg.test_samples]
-    info = {"split": "test", "n": int(len(y)), "empty_patch_share": round(digits.empty_patch_fraction(x), 4), **dc.key()}
-    return TensorEvalSet("digits", digits.normalize(x), y, 10, info)
+    key, share = empty_share
+    info = {"split": "test", "n": int(len(y)), key: round(share(x), 4), **({"views": views} if views else {}), **dc.key()}
+    evalset = TensorEvalSet(name, data.normalize(x), y, 10, info)
+    evalset.views = views
+    return evalset
+
+
+def _load_digits(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
+    return _embedded_test_set(cfg, "digits", digits, digits_config(cfg), ("empty_patch_share", digits.empty_patch_fraction))
 
 
 def _load_imagenet(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
@@ -230,17 +238,8 @@ def _load_synthetic(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
 
 
 def _load_digits_video(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
-    if cfg.data is not None:
-        raise UsageError("data set 'digits_video' is embedded and takes no --data path; drop --data or pick another --dataset")
-    dc = moving_digits_config(cfg)
-    x, y = moving_digits.make_split(dc, "test")
-    if cfg.test_samples:
-        x, y = x[: cfg.test_samples], y[: cfg.test_samples]
-    info = {"split": "test", "n": int(len(y)), "empty_tubelet_share": round(moving_digits.empty_tubelet_fraction(x), 4),
-            "views": 1, **dc.key()}
-    evalset = TensorEvalSet("digits_video", moving_digits.normalize(x), y, 10, info)
-    evalset.views = 1
-    return evalset
+    return _embedded_test_set(cfg, "digits_video", moving_digits, moving_digits_config(cfg),
+                              ("empty_tubelet_share", moving_digits.empty_tubelet_fraction), views=1)
 
 
 def _moving_digits_model_kwargs(cfg: RunConfig) -> dict:
