@@ -8,8 +8,9 @@ Attention (``--attention``):
   ``fused``    timm's fused path, SDPA picks its backend;
   ``flash`` / ``efficient`` / ``cudnn`` / ``math``: the fused path restricted to that SDPA backend
   (``torch.nn.attention.sdpa_kernel``). The methods' own attention code (ATS, A-ViT and AdaViT
-  compact paths) always calls SDPA, so the backend restriction reaches them too; ``unfused``
-  changes timm's blocks only.
+  compact paths, ``methods.attention``) calls SDPA, except for short padded key sequences on CPU,
+  where it computes the math backend's explicit product (faster there) while that backend is
+  allowed: the backend restriction reaches them too; ``unfused`` changes timm's blocks only.
 
 Out of memory: a cell that does not fit is retried at smaller batches along timm's ladder
 (``timm.utils.decay_batch_step``, retry decided by ``check_batch_size_retry``) and recorded as a row

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import sdpa
 from .base import TracedViT, adapt
 from .registry import Knob, MethodSpec, TrainData, register
 
@@ -464,7 +465,7 @@ class AdaViT(TracedViT):
                 mask = (torch.arange(T, device=yp.device)[None, :] < t[:, None])[:, None, None, :]
             q, k, v = qkv3.reshape(Bs, T, 3, nu, d).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = attn.q_norm(q), attn.k_norm(k)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = sdpa(q, k, v, mask)
             o = o.transpose(1, 2).reshape(Bs * T, cu)
             if padded:
                 o = o.index_select(0, dest)  # back to the S packed rows

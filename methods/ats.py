@@ -67,6 +67,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .attention import sdpa
 from .base import TracedViT, adapt
 from .registry import Knob, MethodSpec, register
 
@@ -586,7 +587,7 @@ class ATSViT(TracedViT):
         drop = attn.attn_drop.p if self.training else 0.0
         if packed is None or not self.ats_config.official_padding:
             mask = None if packed is None else packed.mask
-            return F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=drop, scale=attn.scale)
+            return sdpa(q, kk, v, mask, drop, attn.scale)
         pad = ~packed.valid[:, None, None, :]
         logits = ((q * attn.scale) @ kk.transpose(-2, -1)).masked_fill(pad, 0.0)
         a = policy_softmax(logits, packed.valid[:, None, None, :].to(torch.float32), packed.length, True)

@@ -48,13 +48,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Layout, packed_attention, packed_layout
 from .base import TracedViT, adapt
 from .registry import Knob, MethodSpec, register
 
@@ -193,65 +193,22 @@ def ponder_loss(ponder: torch.Tensor) -> torch.Tensor:
 # Blocks
 
 
-@dataclass
-class _Layout:
-    """Where packed rows (one per active token, samples in order) sit in a (B, length) buffer."""
-
-    batch: int
-    length: int
-    flat: torch.Tensor | None  # (T,) row index into the (B * length) buffer; None: packed == buffer
-    mask: torch.Tensor | None  # (B, 1, 1, length) bool key mask (True = real) or additive bias
-
-    @property
-    def slots(self) -> int:
-        return self.batch * self.length
-
-
-def _packed_layout(sample: torch.Tensor, batch: int) -> _Layout:
-    """Layout of packed rows whose sample ids ``sample`` (T,) are sorted ascending."""
-    counts = torch.bincount(sample, minlength=batch)
-    length = int(counts.max())
-    rows = sample.shape[0]
-    if rows == batch * length:  # every sample has the same count: the packed rows are the buffer
-        return _Layout(batch, length, None, None)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(rows, device=sample.device) - starts[sample]
-    flat = sample * length + pos
-    mask = (torch.arange(length, device=sample.device) < counts[:, None])[:, None, None, :]
-    return _Layout(batch, length, flat, mask)
-
-
-def _attention(attn: nn.Module, y: torch.Tensor, lay: _Layout) -> torch.Tensor:
-    """timm ``Attention`` on packed rows ``y`` (T, C); the products run in ``lay``'s buffer."""
-    qkv = attn.qkv(y)
-    width = qkv.shape[-1]
-    if lay.flat is not None:
-        qkv = qkv.new_zeros(lay.slots, width).index_copy_(0, lay.flat, qkv)
-    qkv = qkv.view(lay.batch, lay.length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = lay.mask
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )
-    o = o.transpose(1, 2).reshape(lay.slots, attn.attn_dim)
-    if lay.flat is not None:
-        o = o.index_select(0, lay.flat)
+def _attention(attn: nn.Module, y: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """timm ``Attention`` on packed rows ``y`` (T, C); the products run in ``lay``'s buffer(s)."""
+    o = packed_attention(attn.qkv(y), lay, attn.num_heads, attn.head_dim, attn.q_norm, attn.k_norm, attn.attn_drop.p if attn.training else 0.0)
     o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(y).sigmoid()
     return attn.proj_drop(attn.proj(o))
 
 
-def _block_packed(blk: nn.Module, x: torch.Tensor, lay: _Layout) -> torch.Tensor:
+def _block_packed(blk: nn.Module, x: torch.Tensor, lay: Layout) -> torch.Tensor:
     """A timm pre-LN ``Block`` on packed active rows (compact mode)."""
     x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lay)))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def _block_masked(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: _Layout) -> torch.Tensor:
+def _block_masked(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: Layout) -> torch.Tensor:
     """The official masked block (METHODS.md 1.2 step 2) on (B*N, C) rows; ``keep`` (B*N, 1) is 1
     for active tokens, ``lay.mask`` the -1000 bias on halted keys. The official code also zeroes
     the LayerNorm *inputs* of halted rows; zeroing a row-wise norm's outputs makes that redundant
@@ -323,7 +280,7 @@ class AViT(TracedViT):
             keep = active.to(dtype).unsqueeze(-1)
             x = x * keep  # step 1 (the official code writes .data; here the graph sees the zeros)
             bias = torch.where(active, 0.0, KEY_MASK_BIAS).to(dtype).view(B, 1, 1, N)
-            x = _block_masked(blk, x, keep, _Layout(B, N, None, bias))
+            x = _block_masked(blk, x, keep, Layout(B, N, None, bias))
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if l == depth - 1 else h_raw
             # Step 4 (block output times the active mask) is left out: halting_update gives halted
@@ -357,7 +314,16 @@ class AViT(TracedViT):
 
     # -- compact: token zipping -----------------------------------------------------------------
     def _forward_compact(self, img: torch.Tensor) -> torch.Tensor:
+        """Halted tokens leave the packed rows; the per-token halting state shrinks with them.
+
+        Same arithmetic as ``halting_update`` (the reference uses it), arranged for few passes:
+        a row's depth and ponder remainder are written for every active row each block (the last
+        write, at the block where it halts, is the one that stays), and when the head reads only
+        the CLS token the output accumulator o = sum h x + R x is kept for the CLS rows alone, so
+        no (rows, C) accumulation runs for patch tokens whose o nothing reads.
+        """
         gamma, beta, eps = self._gate()
+        threshold = 1.0 - eps
         x = self.embed_tokens(img)
         dtype = x.dtype
         B, N, C = x.shape
@@ -365,17 +331,23 @@ class AViT(TracedViT):
         dev = x.device
         f32 = torch.float32
         prefix = self.num_prefix_tokens
+        cls_only = self._cls_only()
         x = x.reshape(B * N, C)
         # Per packed row: its flat position sample * N + token in the original (B, N) layout.
         # Rows stay sorted by it, so each sample's active tokens are contiguous, CLS first.
         flat = torch.arange(B * N, device=dev)
         cum = torch.zeros(B * N, dtype=f32, device=dev)
         rem = torch.ones(B * N, dtype=f32, device=dev)
-        out = torch.zeros(B * N, C, dtype=f32, device=dev)
-        final = torch.zeros(B * N, C, dtype=f32, device=dev)  # output o of every token once it halts
         depths = torch.full((B * N,), depth, dtype=torch.int64, device=dev)
-        rem_final = torch.zeros(B * N, dtype=f32, device=dev)
-        lay = _Layout(B, N, None, None)
+        rem_final = torch.zeros(B * N, dtype=f32, device=dev)  # R of each token, 0 where it never reached 1 - eps
+        if cls_only:  # o of the CLS tokens only: (B, C), their packed rows, and whether still active
+            out = torch.zeros(B, C, dtype=f32, device=dev)
+            cls_row = flat[::N].clone()
+            cls_live = torch.ones(B, dtype=f32, device=dev)
+        else:
+            out = torch.zeros(B * N, C, dtype=f32, device=dev)
+            final = torch.zeros(B * N, C, dtype=f32, device=dev)  # o of every token once it halts
+        lay = Layout(B, N, None, None)
         slots = padded = 0
         want_aux = self.training
         if want_aux and self.bench_knobs["official_prior_quirk"]:
@@ -390,35 +362,45 @@ class AViT(TracedViT):
             last = l == depth - 1
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if last else h_raw
-            cum, rem, out, reached, go_on = halting_update(cum, rem, out, h, x, None, eps)
+            cum = cum + h
+            go_on = cum < threshold
+            reached_rem = torch.where(cum > threshold, rem, 0.0)  # R of rows halting here by reaching 1 - eps
+            weight = torch.where(go_on, h, reached_rem)
+            rem = rem - h  # what rows that go on have left (halting rows keep reached_rem)
+            depths.index_fill_(0, flat, l + 1)  # overwritten while the row stays active
+            rem_final.index_copy_(0, flat, reached_rem)
+            if cls_only:
+                w = weight.index_select(0, cls_row) * cls_live
+                out = out + w.unsqueeze(1) * x.index_select(0, cls_row).to(f32)
+            else:
+                out = out + weight.unsqueeze(1) * x.to(f32)
             if want_aux:  # corrected per-layer mass: patch tokens only, halted ones count 0
                 patch = (flat % N >= prefix).to(f32)
                 mass.append((h_raw * patch).sum() / (B * (N - prefix)))
-                ponder_sum = ponder_sum + rows + torch.where(reached, rem, 0.0).sum()
+                ponder_sum = ponder_sum + rows + reached_rem.sum()
             if last:
-                done = None
-            else:
-                done = (~go_on).nonzero().squeeze(1)
-                if done.numel() == 0:
-                    continue
-            # Tokens that halted (or, at the last block, all that are left) leave the packed rows.
-            gone = flat if done is None else flat.index_select(0, done)
-            depths.index_fill_(0, gone, l + 1)
-            final.index_copy_(0, gone, out if done is None else out.index_select(0, done))
-            # remainder counted in rho only where the token reached the threshold (METHODS.md 1.2)
-            rem_done = rem if done is None else rem.index_select(0, done)
-            rem_final.index_copy_(0, gone, rem_done if done is None else torch.where(reached.index_select(0, done), rem_done, 0.0))
-            if last:
+                if not cls_only:
+                    final.index_copy_(0, flat, out)
                 break
             kept = go_on.nonzero().squeeze(1)
+            if kept.numel() == rows:
+                continue
             if kept.numel() == 0:  # every token of every sample halted: later blocks get nothing
                 mass.extend(torch.zeros((), dtype=f32, device=dev) for _ in range(depth - 1 - l))
+                if not cls_only:
+                    final.index_copy_(0, flat, out)
                 break
-            x, out, flat = x.index_select(0, kept), out.index_select(0, kept), flat.index_select(0, kept)
+            if cls_only:  # follow the CLS rows into the compacted order
+                cls_live = cls_live * go_on.index_select(0, cls_row)
+                cls_row = (torch.cumsum(go_on, 0) - 1).index_select(0, cls_row).clamp_(min=0)
+            else:
+                done = (~go_on).nonzero().squeeze(1)
+                final.index_copy_(0, flat.index_select(0, done), out.index_select(0, done))
+                out = out.index_select(0, kept)
+            x, flat = x.index_select(0, kept), flat.index_select(0, kept)
             cum, rem = cum.index_select(0, kept), rem.index_select(0, kept)
-            lay = _Layout(1, rows - done.numel(), None, None) if B == 1 else _packed_layout(flat // N, B)
-        final = final.view(B, N, C)
-        logits = self._head(final[:, :1] if self._cls_only() else final, dtype)
+            lay = Layout(1, kept.numel(), None, None) if B == 1 else packed_layout(flat // N, B)
+        logits = self._head(out.unsqueeze(1) if cls_only else final.view(B, N, C), dtype)
         if want_aux:
             self.__dict__["_avit_aux"] = {"ponder_mean": ponder_sum / (B * N), "halting_mass": torch.stack(mass)}
         depths = depths.view(B, N)

@@ -194,6 +194,21 @@ def test_masked_equals_compact(vit, images, gate_center):
         assert torch.equal(tr1.depths[0], tr.depths[i])
 
 
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_masked_equals_compact_when_the_cls_token_halts_first(images, pool):
+    """Compact keeps o for the CLS rows only when the head reads CLS alone, and for every token
+    under average pooling; both must follow tokens (CLS included) that halt before the others."""
+    torch.manual_seed(1)
+    vit = create_digits_vit(global_pool=pool, fc_norm=False).eval()
+    knobs = {"gate_scale": 3.0, "gate_center": 0.5}
+    ref_logits, ref = run(methods.build("avit", vit, mode="reference", **knobs), images)
+    logits, tr = run(methods.build("avit", vit, mode="compact", **knobs), images)
+    cls_first = tr.depths[:, 0] < tr.depths[:, 1:].max(dim=1).values
+    assert cls_first.any()  # the CLS row leaves the packed rows while patch tokens go on
+    assert (logits - ref_logits).abs().max() < 1e-4
+    assert torch.equal(tr.depths, ref.depths) and torch.allclose(tr.ponder, ref.ponder, atol=1e-5)
+
+
 def test_compact_batch_records_padding_waste(vit, images):
     model = methods.build("avit", vit, gate_scale=3.0, gate_center=0.5)
     _, tr = run(model, images)

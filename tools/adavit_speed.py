@@ -124,7 +124,9 @@ def main() -> None:
 
         vit = create_digits_vit().eval()
         if args.digits_checkpoint:
-            vit.load_state_dict(torch.load(args.digits_checkpoint, map_location="cpu", weights_only=True))
+            from methods.backbones import read_state_dict
+
+            vit.load_state_dict(read_state_dict(args.digits_checkpoint))
         x, _ = digits.make_split(digits.DigitsConfig(), "test", n=256)
         x = digits.normalize(x)
         for batch in (1, 32):

@@ -1,0 +1,156 @@
+"""The attention product of the compact paths (ATS, A-ViT, AdaViT) on a (B, heads, L, d) buffer.
+
+Compact execution leaves few tokens per sample in the later blocks, and batches pad them into a
+short buffer with a key mask. On CPU, PyTorch's fused SDPA kernel (flash attention for CPU) pays a
+fixed cost per call and per (sample, head) that dominates such short sequences: on 2 cores, at
+batch 32 with 3 heads of 32 channels (the embedded default), SDPA took 180-300 us for L = 8-32 and
+about 600 us at L = 40, where the explicit product q k^T, softmax, @ v (timm's unfused path) took
+100-220 and 260-330 us; from L = 48 on the explicit product was the slower one (a different
+batched-GEMM path, 1.3 ms), so the switch-over is conservative. Measured side by side by
+``tools/attention_speed.py``. Longer sequences and every other device keep fused SDPA, which is
+also what the dense timm model runs.
+
+A restriction of SDPA's backends (``--attention flash`` etc., ``torch.nn.attention.sdpa_kernel``)
+is honoured: the explicit product is the math backend's computation, so it is only used while
+that backend is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+EXPLICIT_MAX_LEN = 40  # longest key length that takes the explicit product on CPU
+
+
+def use_explicit(q: torch.Tensor, length: int, dropout_p: float) -> bool:
+    return (
+        q.device.type == "cpu"
+        and length <= EXPLICIT_MAX_LEN
+        and dropout_p == 0.0
+        and torch.backends.cuda.math_sdp_enabled()
+    )
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, ...)`` with the same result, by
+    the explicit product on CPU for short key sequences (see the module docstring).
+
+    ``mask``: bool (True = attend) or additive, broadcastable to (B, heads, Lq, Lk). A query row
+    whose keys are all masked (a padding row) gets finite values here, where fused SDPA may give
+    NaN; callers drop those rows either way.
+    """
+    if not use_explicit(q, k.shape[-2], dropout_p):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * s) @ k.transpose(-2, -1)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        else:
+            logits = logits + mask.to(logits.dtype)
+    return logits.softmax(-1) @ v
+
+
+# --------------------------------------------------------------------------------------------
+# Packed rows and their attention layout
+
+
+SPLIT_GAIN = 0.6  # split a batch into two length groups when that leaves at most this share of the slots^2
+
+
+@dataclass
+class Layout:
+    """Where packed rows (one per active token, samples one after another, each sample's rows in
+    order) sit in the (batch, length) buffer that the attention product runs in.
+
+    ``flat``: (T,) slot of each row in the (batch * length) buffer, or None when the rows are the
+    buffer (no padding). ``mask``: (batch, 1, 1, length) key mask, True = real (or an additive
+    bias). ``groups``: when the samples' row counts differ a lot, the attention runs per length
+    group instead: a list of (rows of the group (T_g,), the group's own layout)."""
+
+    batch: int
+    length: int
+    flat: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    groups: list[tuple[torch.Tensor, "Layout"]] | None = None
+
+    @property
+    def slots(self) -> int:
+        """Buffer slots the attention product runs over (padding included)."""
+        if self.groups:
+            return sum(g.slots for _, g in self.groups)
+        return self.batch * self.length
+
+
+def packed_layout(sample: torch.Tensor, batch: int, split: bool = True) -> Layout:
+    """Layout of packed rows whose sample ids ``sample`` (T,) are sorted ascending.
+
+    Sample b's j-th row goes to slot b * length + j: in row-major order these are exactly the True
+    entries of the (batch, length) key mask, so one ``nonzero`` gives every row's slot.
+
+    With ``split``, when the counts are so uneven that the padded product would be mostly padding,
+    the samples are cut into two length groups, the longest few and the rest (the cut that
+    minimises sum over groups of samples * length^2, used if it keeps at most ``SPLIT_GAIN`` of
+    the single buffer's): one long sample no longer pads every other one to its length.
+    """
+    counts = torch.bincount(sample, minlength=batch)
+    length = int(counts.max())
+    if sample.shape[0] == batch * length:  # every sample has the same count: the rows are the buffer
+        return Layout(batch, length)
+    if split and batch > 1:
+        groups = _length_groups(sample, counts, batch, length)
+        if groups is not None:
+            return Layout(batch, length, groups=groups)
+    real = torch.arange(length, device=sample.device) < counts.unsqueeze(1)
+    return Layout(batch, length, real.view(-1).nonzero().squeeze(1), real[:, None, None, :])
+
+
+def _length_groups(sample: torch.Tensor, counts: torch.Tensor, batch: int, length: int):
+    ordered = sorted(counts.tolist(), reverse=True)
+    best, cut = batch * length * length * SPLIT_GAIN, 0
+    for s in range(1, batch):
+        if ordered[s] == 0:
+            break
+        cost = s * length * length + (batch - s) * ordered[s] ** 2
+        if cost < best:
+            best, cut = cost, s
+    if cut == 0:
+        return None
+    long = counts > ordered[cut]  # the longest samples (ties at the cut length go to the short group)
+    groups = []
+    for member in (long, (counts > 0) & ~long):
+        rows = member.index_select(0, sample).nonzero().squeeze(1)
+        rank = torch.cumsum(member, 0) - 1  # sample id -> its index inside the group
+        groups.append((rows, packed_layout(rank.index_select(0, sample.index_select(0, rows)), int(member.sum()), split=False)))
+    return groups
+
+
+def packed_attention(
+    qkv: torch.Tensor, lay: Layout, num_heads: int, head_dim: int, q_norm=None, k_norm=None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt d) v per sample for packed rows: ``qkv`` (T, 3 * heads * d) as timm's
+    fused qkv projection gives it; returns (T, heads * d). Products run in ``lay``'s buffer(s)."""
+    if lay.groups:
+        out = qkv.new_empty(qkv.shape[0], num_heads * head_dim)
+        for rows, sub in lay.groups:
+            out.index_copy_(0, rows, packed_attention(qkv.index_select(0, rows), sub, num_heads, head_dim, q_norm, k_norm, dropout_p))
+        return out
+    if lay.flat is not None:
+        qkv = qkv.new_zeros(lay.slots, qkv.shape[-1]).index_copy_(0, lay.flat, qkv)
+    q, k, v = qkv.view(lay.batch, lay.length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    mask = lay.mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    o = sdpa(q, k, v, mask, dropout_p).transpose(1, 2).reshape(lay.slots, num_heads * head_dim)
+    return o if lay.flat is None else o.index_select(0, lay.flat)

@@ -1,0 +1,85 @@
+"""The compact paths' attention: the explicit product for short keys on CPU, packed layouts with
+length groups, and the attention over packed rows against plain per-sample attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from methods import attention
+
+
+def _qkv(b=4, h=3, length=12, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, length, d, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("length", [5, attention.EXPLICIT_MAX_LEN])
+def test_explicit_product_equals_fused_sdpa(length):
+    q, k, v = _qkv(length=length)
+    mask = torch.rand(4, 1, 1, length, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., 0] = True
+    assert attention.use_explicit(q, length, 0.0)
+    for m in (None, mask, torch.where(mask, 0.0, -1000.0)):
+        out = attention.sdpa(q, k, v, m)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert (out - ref).abs().max() < 1e-5
+    scaled = attention.sdpa(q, k, v, mask, scale=0.3)
+    assert (scaled - F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)).abs().max() < 1e-5
+
+
+def test_explicit_product_only_where_chosen():
+    q, _, _ = _qkv()
+    assert not attention.use_explicit(q, attention.EXPLICIT_MAX_LEN + 1, 0.0)  # long keys: fused SDPA
+    assert not attention.use_explicit(q, 8, 0.1)  # dropout: fused SDPA
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # --attention flash: the math path is not allowed
+        assert not attention.use_explicit(q, 8, 0.0)
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert attention.use_explicit(q, 8, 0.0)
+
+
+def test_a_fully_masked_padding_row_stays_finite():
+    q, k, v = _qkv(b=2)
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[1] = False  # sample 1 has no real key (all padding)
+    assert torch.isfinite(attention.sdpa(q, k, v, mask)).all()
+
+
+def _rows_of(counts, c=6, seed=0):
+    sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return sample, torch.randn(len(sample), c, generator=torch.Generator().manual_seed(seed))
+
+
+def _per_sample(qkv, sample, heads, d):
+    outs = []
+    for b in sample.unique():
+        rows = qkv[sample == b]
+        q, k, v = rows.view(1, -1, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, heads * d))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(
+    "counts, grouped",
+    [
+        ([5, 5, 5], False),  # equal counts: the rows are the buffer
+        ([7, 3, 5, 6], False),  # mildly uneven: one padded buffer
+        ([52, 3, 4, 8, 2, 7, 5, 6], True),  # one long sample: two length groups
+        ([30, 0, 2, 28, 1, 0, 3, 2], True),  # samples without rows, ties at the cut
+    ],
+)
+def test_packed_attention_equals_per_sample_attention(counts, grouped):
+    heads, d = 2, 4
+    sample, qkv = _rows_of(counts, 3 * heads * d)
+    lay = attention.packed_layout(sample, len(counts))
+    assert bool(lay.groups) == grouped
+    out = attention.packed_attention(qkv, lay, heads, d)
+    assert out.shape == (len(sample), heads * d)
+    assert (out - _per_sample(qkv, sample, heads, d)).abs().max() < 1e-5
+    longest = max(counts)
+    assert len(sample) <= lay.slots <= len(counts) * longest
+    if grouped:  # the groups cover every row once, and pad less than one buffer would
+        rows = torch.cat([r for r, _ in lay.groups]).sort().values
+        assert torch.equal(rows, torch.arange(len(sample)))
+        assert lay.slots < len(counts) * longest
