@@ -344,6 +344,7 @@ class AViT(TracedViT):
             out = torch.zeros(B, C, dtype=f32, device=dev)
             cls_row = flat[::N].clone()
             cls_live = torch.ones(B, dtype=f32, device=dev)
+            cls_alive = True  # batch 1: no index bookkeeping, the CLS row is the first while active
         else:
             out = torch.zeros(B * N, C, dtype=f32, device=dev)
             final = torch.zeros(B * N, C, dtype=f32, device=dev)  # o of every token once it halts
@@ -369,7 +370,10 @@ class AViT(TracedViT):
             rem = rem - h  # what rows that go on have left (halting rows keep reached_rem)
             depths.index_fill_(0, flat, l + 1)  # overwritten while the row stays active
             rem_final.index_copy_(0, flat, reached_rem)
-            if cls_only:
+            if cls_only and B == 1:  # the CLS row is row 0 while it is active
+                if cls_alive:
+                    out = out + weight[:1].unsqueeze(1) * x[:1].to(f32)
+            elif cls_only:
                 w = weight.index_select(0, cls_row) * cls_live
                 out = out + w.unsqueeze(1) * x.index_select(0, cls_row).to(f32)
             else:
@@ -390,7 +394,9 @@ class AViT(TracedViT):
                 if not cls_only:
                     final.index_copy_(0, flat, out)
                 break
-            if cls_only:  # follow the CLS rows into the compacted order
+            if cls_only and B == 1:
+                cls_alive = cls_alive and bool(go_on[0])
+            elif cls_only:  # follow the CLS rows into the compacted order
                 cls_live = cls_live * go_on.index_select(0, cls_row)
                 cls_row = (torch.cumsum(go_on, 0) - 1).index_select(0, cls_row).clamp_(min=0)
             else:

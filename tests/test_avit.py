@@ -202,11 +202,15 @@ def test_masked_equals_compact_when_the_cls_token_halts_first(images, pool):
     vit = create_digits_vit(global_pool=pool, fc_norm=False).eval()
     knobs = {"gate_scale": 3.0, "gate_center": 0.5}
     ref_logits, ref = run(methods.build("avit", vit, mode="reference", **knobs), images)
-    logits, tr = run(methods.build("avit", vit, mode="compact", **knobs), images)
+    compact = methods.build("avit", vit, mode="compact", **knobs)
+    logits, tr = run(compact, images)
     cls_first = tr.depths[:, 0] < tr.depths[:, 1:].max(dim=1).values
     assert cls_first.any()  # the CLS row leaves the packed rows while patch tokens go on
     assert (logits - ref_logits).abs().max() < 1e-4
     assert torch.equal(tr.depths, ref.depths) and torch.allclose(tr.ponder, ref.ponder, atol=1e-5)
+    for i in range(len(images)):  # batch 1 has its own CLS bookkeeping
+        one, tr1 = run(compact, images[i : i + 1])
+        assert (one - ref_logits[i : i + 1]).abs().max() < 1e-4 and torch.equal(tr1.depths[0], ref.depths[i])
 
 
 def test_compact_batch_records_padding_waste(vit, images):
