@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import sdpa
+from .attention import packed_attention, packed_layout
 from .base import TracedViT, adapt
 from .registry import Knob, MethodSpec, TrainData, register
 
@@ -455,20 +455,10 @@ class AdaViT(TracedViT):
         o = None
         if nu > 0:
             qkv3 = torch.cat([qkv, _head_cols(v_all, heads, H, d)], 1) if identity else qkv
-            padded = S != Bs * T
-            mask = None
-            if padded:  # place each sample's rows at b*T + j of a zero (Bs*T) buffer
-                start = torch.cumsum(t, 0) - t
-                shift = (torch.arange(Bs, device=yp.device) * T - start).repeat_interleave(t)
-                dest = torch.arange(S, device=yp.device) + shift
-                qkv3 = qkv3.new_zeros(Bs * T, 3 * cu).index_copy_(0, dest, qkv3)
-                mask = (torch.arange(T, device=yp.device)[None, :] < t[:, None])[:, None, None, :]
-            q, k, v = qkv3.reshape(Bs, T, 3, nu, d).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            o = sdpa(q, k, v, mask)
-            o = o.transpose(1, 2).reshape(Bs * T, cu)
-            if padded:
-                o = o.index_select(0, dest)  # back to the S packed rows
+            # each sample's rows at b*T + j of a (Bs*T) buffer with a key mask (one buffer: the
+            # padded MACs below count it)
+            sample = torch.arange(Bs, device=yp.device).repeat_interleave(t)
+            o = packed_attention(qkv3, packed_layout(sample, Bs, split=False), nu, d, attn.q_norm, attn.k_norm)
             if hk_rows is not None:
                 hm = _head_cols(hk_rows, heads, H, 1).repeat_interleave(d, dim=1)
                 o = torch.where(hm, o, _head_cols(v_all, heads, H, d)) if identity else o * hm.to(o.dtype)

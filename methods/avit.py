@@ -85,6 +85,29 @@ def default_target_depth(depth: int) -> float:
 # Halting bookkeeping (METHODS.md 1.2 steps 5-8), shared by both execution modes.
 
 
+def halting_weights(
+    cum: torch.Tensor, rem: torch.Tensor, h: torch.Tensor, eps: float, active: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's halting decision, elementwise over tokens (any leading shape).
+
+    ``cum``/``rem``/``h``: (...,) float; ``active``: (...,) bool, or None when every token given is
+    active (compact mode). Returns the new cumulative score, ``go_on`` (still active after this
+    block), ``reached`` (halts here and adds its remainder), ``reached_rem`` (that remainder, 0
+    elsewhere) and the block's output weight (h while going on, the remainder where it halts). A
+    token whose cumulative score equals 1 - eps exactly is neither going on nor reached: the
+    official code drops it without adding its remainder (METHODS.md 1.2, edge case), and so does
+    this function. What a token that goes on has left is ``rem - h``.
+    """
+    threshold = 1.0 - eps
+    cum = cum + h
+    go_on = cum < threshold
+    reached = cum > threshold
+    if active is not None:
+        reached = reached & active
+    reached_rem = torch.where(reached, rem, 0.0)
+    return cum, go_on, reached, reached_rem, torch.where(go_on, h, reached_rem)
+
+
 def halting_update(
     cum: torch.Tensor,
     rem: torch.Tensor,
@@ -94,23 +117,9 @@ def halting_update(
     active: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block's halting update, elementwise over tokens (any leading shape).
-
-    ``cum``/``rem``/``h``: (...,) float; ``out``/``x``: (..., C); ``active``: (...,) bool, or
-    None when every token given is active (compact mode). Returns the new cumulative score,
-    remainder and output accumulator plus the boolean masks ``reached`` (halts here and adds its
-    remainder) and ``go_on`` (still active after this block). A token whose cumulative score equals
-    1 - eps exactly is neither: the official code drops it without adding its remainder
-    (METHODS.md 1.2, edge case), and so does this function.
-    """
-    threshold = 1.0 - eps
-    cum = cum + h
-    reached = cum > threshold
-    if active is not None:
-        reached = reached & active
-    go_on = cum < threshold
-    zero = h.new_zeros(())
-    weight = torch.where(go_on, h, torch.where(reached, rem, zero))
+    """``halting_weights`` plus the output accumulator: ``out``/``x``: (..., C). Returns the new
+    cumulative score, remainder and output accumulator and the masks ``reached`` and ``go_on``."""
+    cum, go_on, reached, _, weight = halting_weights(cum, rem, h, eps, active)
     out = out + weight.unsqueeze(-1) * (x if x.dtype == out.dtype else x.to(out.dtype))
     rem = torch.where(go_on, rem - h, rem)
     return cum, rem, out, reached, go_on
@@ -316,14 +325,13 @@ class AViT(TracedViT):
     def _forward_compact(self, img: torch.Tensor) -> torch.Tensor:
         """Halted tokens leave the packed rows; the per-token halting state shrinks with them.
 
-        Same arithmetic as ``halting_update`` (the reference uses it), arranged for few passes:
+        The same ``halting_weights`` as the reference, arranged for few passes:
         a row's depth and ponder remainder are written for every active row each block (the last
         write, at the block where it halts, is the one that stays), and when the head reads only
         the CLS token the output accumulator o = sum h x + R x is kept for the CLS rows alone, so
         no (rows, C) accumulation runs for patch tokens whose o nothing reads.
         """
         gamma, beta, eps = self._gate()
-        threshold = 1.0 - eps
         x = self.embed_tokens(img)
         dtype = x.dtype
         B, N, C = x.shape
@@ -363,10 +371,7 @@ class AViT(TracedViT):
             last = l == depth - 1
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if last else h_raw
-            cum = cum + h
-            go_on = cum < threshold
-            reached_rem = torch.where(cum > threshold, rem, 0.0)  # R of rows halting here by reaching 1 - eps
-            weight = torch.where(go_on, h, reached_rem)
+            cum, go_on, _, reached_rem, weight = halting_weights(cum, rem, h, eps)
             rem = rem - h  # what rows that go on have left (halting rows keep reached_rem)
             depths.index_fill_(0, flat, l + 1)  # overwritten while the row stays active
             rem_final.index_copy_(0, flat, reached_rem)
