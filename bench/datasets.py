@@ -112,26 +112,25 @@ class FolderEvalSet(EvalSet):
         return torch.stack(samples)
 
 
-def digits_config(cfg: RunConfig) -> digits.DigitsConfig:
+def _digits_table(cfg: RunConfig, make, tuple_keys: tuple[str, ...], what: str):
+    """The profile's [digits] table as ``make(**table)``, TOML lists turned into the tuples given."""
     d = dict(cfg.digits)
-    for k in ("digit_size", "clutter", "fragment_size", "split_fractions"):
+    for k in tuple_keys:
         if k in d:
             d[k] = tuple(d[k])
     try:
-        return digits.DigitsConfig(**d)
+        return make(**d)
     except TypeError as e:
-        raise UsageError(f"{cfg.config_path}: bad [digits] table ({e})") from None
+        raise UsageError(f"{cfg.config_path}: bad [digits] table{what} ({e})") from None
+
+
+def digits_config(cfg: RunConfig) -> digits.DigitsConfig:
+    return _digits_table(cfg, digits.DigitsConfig, ("digit_size", "clutter", "fragment_size", "split_fractions"), "")
 
 
 def moving_digits_config(cfg: RunConfig) -> moving_digits.MovingDigitsConfig:
-    d = dict(cfg.digits)
-    for k in ("digit_size", "clutter", "fragment_size", "speed", "split_fractions"):
-        if k in d:
-            d[k] = tuple(d[k])
-    try:
-        return moving_digits.MovingDigitsConfig(**d)
-    except TypeError as e:
-        raise UsageError(f"{cfg.config_path}: bad [digits] table for the video data set ({e})") from None
+    keys = ("digit_size", "clutter", "fragment_size", "speed", "split_fractions")
+    return _digits_table(cfg, moving_digits.MovingDigitsConfig, keys, " for the video data set")
 
 
 # Embedded data sets (trained and cached by the harness): id -> (their backbone, data module with

@@ -34,3 +34,18 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         code = e.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def shipped_backbone(cfg, ship_cmd: str):
+    """The shipped backbone checkpoint of a profile's config and the backbone loaded from it (eval);
+    fails (not skips) when it is missing, naming the command that ships it."""
+    from bench import cache, runner
+    from methods.backbones import load_checkpoint
+
+    key = cache.config_key(runner.backbone_key(cfg))
+    path = cache.ASSETS / f"{cfg.backbone}-{key}.safetensors"
+    if not path.is_file():
+        pytest.fail(f"no shipped checkpoint for the {cfg.profile} profile (key {key}); run `{ship_cmd}`")
+    vit = runner.create_backbone(cfg)
+    load_checkpoint(vit, path)
+    return path, vit.eval()

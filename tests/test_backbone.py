@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import methods
-from bench import cache, config, datasets, runner
+from bench import cache, config, datasets
 from bench.data import digits
 from bench.train import TrainConfig, accuracy, train_digits_backbone
-from conftest import ROOT
-from methods.backbones import create_digits_vit, load_checkpoint
+from conftest import ROOT, shipped_backbone
+from methods.backbones import create_digits_vit
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +20,7 @@ def default_cfg():
 
 @pytest.fixture(scope="module")
 def shipped(default_cfg):
-    key = cache.config_key(runner.backbone_key(default_cfg))
-    path = cache.ASSETS / f"digits_vit-{key}.safetensors"
-    if not path.is_file():
-        pytest.fail(f"no shipped checkpoint for the default profile (key {key}); run `bench train backbone --ship`")
-    vit = runner.create_backbone(default_cfg)
-    load_checkpoint(vit, path)
-    return path, vit.eval()
+    return shipped_backbone(default_cfg, "bench train backbone --ship")
 
 
 def test_readme_names_the_shipped_checkpoint_and_its_sha256(shipped):

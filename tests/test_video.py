@@ -13,7 +13,7 @@ import methods
 from bench import cache, config, datasets, runner
 from bench.data import moving_digits
 from bench.train import accuracy
-from conftest import ROOT
+from conftest import ROOT, shipped_backbone
 
 SHIPPED_MIN_TOP1 = 0.90  # measured 94.0% on the 1000 test clips (run 20261121-104949-video)
 from methods.backbones import load_checkpoint
@@ -233,13 +233,7 @@ def test_moving_digits_clips():
 @pytest.fixture(scope="module")
 def shipped_video():
     cfg = config.resolve("video", ROOT / "bench.toml")
-    key = cache.config_key(runner.backbone_key(cfg))
-    path = cache.ASSETS / f"digits_video_vit-{key}.safetensors"
-    if not path.is_file():
-        pytest.fail(f"no shipped checkpoint for the video profile (key {key}); run `bench train backbone --profile video --ship`")
-    vit = runner.create_backbone(cfg)
-    load_checkpoint(vit, path)
-    return cfg, path, vit.eval()
+    return (cfg, *shipped_backbone(cfg, "bench train backbone --profile video --ship"))
 
 
 def test_shipped_video_checkpoint_is_in_the_readme_and_classifies_clips(shipped_video):
