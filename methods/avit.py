@@ -20,9 +20,11 @@ Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
   tokens are physically removed. Active tokens of the batch are kept *packed* (one row per active
   token, samples one after another), so LayerNorms, qkv, proj and the MLP run only on active rows;
   only the attention product needs a per-sample layout, for which the packed rows are scattered
-  into a (B, longest, .) buffer with a key-padding mask. At batch 1, or whenever every sample has
-  the same number of active tokens, the buffer is a view and there is no mask and no padding.
-  ``padding_waste`` in the trace is the share of those attention slots that were padding.
+  into a (B, longest, .) buffer with a key-padding mask (``methods.attention.packed_layout``: on
+  CPU up to ``DIAGONAL_MAX_ROWS`` rows in all run one block-diagonal product instead, and very uneven counts
+  two length groups). At batch 1, or whenever every sample has the same number of active tokens,
+  the buffer is a view and there is no mask and no padding. ``padding_waste`` in the trace is the
+  share of the executed block MACs that went to padding (attention pairs no sample needed).
 
 Both modes give the same logits and the same per-token halting depths (METHODS.md test 7), and
 the same training gradients (halted rows get no gradient in either), so training with the
@@ -357,7 +359,7 @@ class AViT(TracedViT):
             out = torch.zeros(B * N, C, dtype=f32, device=dev)
             final = torch.zeros(B * N, C, dtype=f32, device=dev)  # o of every token once it halts
         lay = Layout(B, N, None, None)
-        slots = padded = 0
+        pairs = 0  # query-key pairs the attention products computed (padding included)
         want_aux = self.training
         if want_aux and self.bench_knobs["official_prior_quirk"]:
             raise RuntimeError("official_prior_quirk reads halted tokens' masked outputs: train in 'reference' mode")
@@ -366,8 +368,7 @@ class AViT(TracedViT):
         for l, blk in enumerate(self.blocks):
             x = _block_packed(blk, x, lay)
             rows = x.shape[0]
-            slots += lay.slots
-            padded += lay.slots - rows
+            pairs += lay.pairs
             last = l == depth - 1
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if last else h_raw
@@ -417,7 +418,7 @@ class AViT(TracedViT):
         depths = depths.view(B, N)
         tokens = self._tokens_from_depths(depths, depth)
         rho = depths.to(f32) + rem_final.view(B, N)
-        self._record(tokens, depths, rho, padding_waste=padded / slots if slots else 0.0)
+        self._record(tokens, depths, rho, padding_waste=self._padding_waste(tokens, pairs))
         return logits
 
     # -- trace ------------------------------------------------------------------------------------
@@ -438,6 +439,15 @@ class AViT(TracedViT):
             cached = (shape.block(counts) / 1e9, float(fixed) / 1e9)
             self.__dict__["_avit_gmacs_table"] = cached
         return cached
+
+    def _padding_waste(self, tokens: torch.Tensor, pairs: int) -> float:
+        """Share of the executed block MACs that no sample needed: the attention products over
+        padding slots (or, in a block-diagonal product, over other samples' keys); the linear
+        layers and norms run on the packed rows only and waste nothing."""
+        shape = self.bench_shape
+        t = tokens.to(torch.float64)
+        extra = 2 * shape.attn_dim * (pairs - float((t * t).sum()))
+        return max(0.0, extra / (float(shape.block(t).sum()) + extra))
 
     def _record(self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float) -> None:
         table, fixed = self._gmacs_table()
@@ -616,7 +626,7 @@ SPEC = register(
         extras={
             "depths": "(B, N) int: halting depth of each token (blocks it went through, 1..depth)",
             "ponder": "(B,) float: mean over tokens of rho = depth + remainder (the ponder cost)",
-            "padding_waste": "float: compact: share of attention slots that were padding; reference: share of masked slots",
+            "padding_waste": "float: compact: share of executed block MACs spent on padding (attention pairs); reference: share of masked slots",
         },
     )
 )

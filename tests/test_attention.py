@@ -72,7 +72,7 @@ def _per_sample(qkv, sample, heads, d):
 def test_packed_attention_equals_per_sample_attention(counts, grouped):
     heads, d = 2, 4
     sample, qkv = _rows_of(counts, 3 * heads * d)
-    lay = attention.packed_layout(sample, len(counts))
+    lay = attention.packed_layout(sample, len(counts), diagonal=False)
     assert bool(lay.groups) == grouped
     out = attention.packed_attention(qkv, lay, heads, d)
     assert out.shape == (len(sample), heads * d)
@@ -83,3 +83,40 @@ def test_packed_attention_equals_per_sample_attention(counts, grouped):
         rows = torch.cat([r for r, _ in lay.groups]).sort().values
         assert torch.equal(rows, torch.arange(len(sample)))
         assert lay.slots < len(counts) * longest
+
+
+@pytest.mark.parametrize("counts", [[7, 3, 5, 6], [52, 3, 4, 8, 2, 7, 5, 6], [30, 0, 2, 28, 1, 0, 3, 2]])
+def test_block_diagonal_layout_equals_per_sample_attention(counts):
+    heads, d = 2, 4
+    sample, qkv = _rows_of(counts, 3 * heads * d)
+    lay = attention.packed_layout(sample, len(counts))  # few rows on CPU: one block-diagonal product
+    rows = len(sample)
+    assert (lay.batch, lay.length, lay.flat, lay.groups) == (1, rows, None, None)
+    assert lay.slots == rows and lay.pairs == rows * rows  # no padded slot, but every pair computed
+    assert torch.equal(lay.mask[0, 0], sample[:, None] == sample[None, :])
+    out = attention.packed_attention(qkv, lay, heads, d)
+    assert (out - _per_sample(qkv, sample, heads, d)).abs().max() < 1e-5
+
+
+def test_block_diagonal_layout_only_for_few_rows(monkeypatch):
+    sample, _ = _rows_of([9, 4, 6])
+    assert attention.packed_layout(sample, 3).mask.shape == (1, 1, 19, 19)
+    monkeypatch.setattr(attention, "DIAGONAL_MAX_ROWS", 18)
+    lay = attention.packed_layout(sample, 3)
+    assert (lay.batch, lay.length) == (3, 9) and lay.mask.shape == (3, 1, 1, 9)
+    one, _ = _rows_of([19])
+    assert attention.packed_layout(one, 1).batch == 1 and attention.packed_layout(one, 1).mask is None
+
+
+@pytest.mark.parametrize("length", [2, 5, 13, 15, 16, 17])
+def test_short_softmax_equals_torch_softmax(length):
+    g = torch.Generator().manual_seed(length)
+    logits = torch.randn(32, 3, 16, length, generator=g) * 4  # 1536 rows: enough for the padded path
+    logits[..., -1] = torch.finfo(logits.dtype).min  # a masked key, as the explicit product writes it
+    padded_path = 1 < length < attention.SOFTMAX_MIN_LEN
+    out = attention._softmax(logits)
+    assert out.shape == logits.shape
+    assert (out - logits.softmax(-1)).abs().max() < 1e-6
+    assert (out[..., -1] == 0).all() and torch.allclose(out.sum(-1), torch.ones(()))
+    if padded_path:  # the slice of a 16-wide buffer, not a fresh softmax of the same shape
+        assert out.stride(-2) == attention.SOFTMAX_MIN_LEN

@@ -213,13 +213,25 @@ def test_masked_equals_compact_when_the_cls_token_halts_first(images, pool):
         assert (one - ref_logits[i : i + 1]).abs().max() < 1e-4 and torch.equal(tr1.depths[0], ref.depths[i])
 
 
-def test_compact_batch_records_padding_waste(vit, images):
+@pytest.mark.parametrize("diagonal_max_rows", [0, 10**6])
+def test_compact_batch_records_padding_waste(vit, images, monkeypatch, diagonal_max_rows):
+    """Waste = attention MACs over padding (padded buffer) or other samples' keys (block-diagonal
+    product) against the executed block MACs; the linear layers run on packed rows only."""
+    from methods import attention
+
+    monkeypatch.setattr(attention, "DIAGONAL_MAX_ROWS", diagonal_max_rows)
+    monkeypatch.setattr(attention, "SPLIT_GAIN", 0.0)  # one padded buffer per block, no length groups
     model = methods.build("avit", vit, gate_scale=3.0, gate_center=0.5)
     _, tr = run(model, images)
-    counts = tr.tokens  # (B, depth)
-    longest = counts.max(dim=0).values
-    expected = float((longest * len(images) - counts.sum(0)).sum()) / float(longest.sum() * len(images))
-    assert expected > 0 and abs(tr.padding_waste - expected) < 1e-9
+    n = tr.tokens.to(torch.float64)  # (B, depth): tokens entering each block
+    shape = methods.vit_shape(vit)
+    useful = float(shape.block(n).sum())
+    even = (n == n[:1]).all(dim=0)  # blocks where every sample has the same count: no padding at all
+    assert not even.all()
+    padded = len(images) * n.max(dim=0).values.pow(2)
+    pairs = float(torch.where(even, padded, n.sum(0).pow(2) if diagonal_max_rows else padded).sum())
+    extra = 2 * shape.attn_dim * (pairs - float(n.pow(2).sum()))
+    assert extra > 0 and tr.padding_waste == pytest.approx(extra / (useful + extra), rel=1e-9)
 
 
 def test_compact_on_deit_tiny_with_bf16_autocast():
