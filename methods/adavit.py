@@ -35,9 +35,10 @@ Two execution modes (DESIGN.md "Contracts"):
     weight copies). Batches: the kept tokens of all samples are packed into one (S, C) matrix with
     no padding, and every token-wise layer (qkv, proj, LN2, FFN) runs on the rows of the samples
     whose sub-layer is on; only the attention matmuls pad each sample to the batch's largest
-    kept-token count, with a key-padding mask. Heads are sliced to the union of the heads the
+    kept-token count, with a key-padding mask (``methods.attention.packed_layout``: two length
+    groups when the counts are very uneven, one block-diagonal product for few rows on CPU). Heads are sliced to the union of the heads the
     samples keep, and a per-row 0/1 head mask zeroes the rest where samples disagree. The share of
-    executed MSA / FFN MACs spent on such padding is ``trace.padding_waste`` (0 at batch 1, where
+    executed MSA / FFN MACs spent on such padding (or on other samples' keys) is ``trace.padding_waste`` (0 at batch 1, where
     everything is sliced exactly).
 Training always runs the ``reference`` path (the masks carry the straight-through gradients).
 
@@ -431,13 +432,13 @@ class AdaViT(TracedViT):
     def _compact_attention(self, blk, yp, t, hk, rec) -> torch.Tensor:
         """MSA of packed token rows ``yp`` (S, C) of Bs samples with ``t`` (Bs,) rows each.
         qkv and proj run on the S rows, sliced to the union of the heads the samples keep; the
-        attention matmuls pad every sample to T = max(t) tokens with a key-padding mask unless
-        all counts are equal; ``hk`` (Bs, H) zeroes (or, identity_attn, passes V through for)
+        attention matmuls run in ``methods.attention.packed_layout``'s layout (each sample padded
+        to the longest with a key mask unless all counts are equal, length groups when the counts
+        are very uneven, one block-diagonal product for few rows on CPU); ``hk`` (Bs, H) zeroes (or, identity_attn, passes V through for)
         the heads a sample dropped where the samples disagree."""
         attn = blk.attn
         S, C = yp.shape
         Bs = t.shape[0]
-        T = int(t.max())
         H, d = attn.num_heads, attn.head_dim
         identity = self.bench_knobs["head_variant"] == "identity_attn"
         heads, nu, uniform = self._head_union(hk, H)
@@ -453,12 +454,15 @@ class AdaViT(TracedViT):
         v_all = F.linear(yp, attn.qkv.weight[2 * C :], None if attn.qkv.bias is None else attn.qkv.bias[2 * C :]) if identity else None
         hk_rows = None if uniform else hk.repeat_interleave(t, dim=0)  # (S, H)
         o = None
+        pairs = 0  # query-key pairs the attention products compute (padding included)
         if nu > 0:
             qkv3 = torch.cat([qkv, _head_cols(v_all, heads, H, d)], 1) if identity else qkv
-            # each sample's rows at b*T + j of a (Bs*T) buffer with a key mask (one buffer: the
-            # padded MACs below count it)
+            # the products run in methods.attention's layout: a padded (Bs, T) buffer with a key
+            # mask, length groups, or one block-diagonal product; the padded MACs below count its pairs
             sample = torch.arange(Bs, device=yp.device).repeat_interleave(t)
-            o = packed_attention(qkv3, packed_layout(sample, Bs, split=False), nu, d, attn.q_norm, attn.k_norm)
+            lay = packed_layout(sample, Bs)
+            pairs = lay.pairs
+            o = packed_attention(qkv3, lay, nu, d, attn.q_norm, attn.k_norm)
             if hk_rows is not None:
                 hm = _head_cols(hk_rows, heads, H, 1).repeat_interleave(d, dim=1)
                 o = torch.where(hm, o, _head_cols(v_all, heads, H, d)) if identity else o * hm.to(o.dtype)
@@ -469,11 +473,11 @@ class AdaViT(TracedViT):
             else:
                 o = v_all
             out = attn.proj_drop(attn.proj(o))
-            rec["padded_macs"] += S * C * (2 * cu + C) + 2 * Bs * T * T * cu + S * C * C
+            rec["padded_macs"] += S * C * (2 * cu + C) + 2 * pairs * cu + S * C * C
             return out
         Wp = self._sliced(attn.proj.weight, heads, "proj_w", lambda: _head_cols(attn.proj.weight, heads, H, d))
         out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
-        rec["padded_macs"] += S * C * 3 * cu + 2 * Bs * T * T * cu + S * cu * C
+        rec["padded_macs"] += S * C * 3 * cu + 2 * pairs * cu + S * cu * C
         return out
 
     def _compact_mlp(self, blk, xp, heads, nu, hk_rows, rec) -> torch.Tensor:
