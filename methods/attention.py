@@ -90,7 +90,7 @@ class Layout:
     order) sit in the (batch, length) buffer that the attention product runs in.
 
     ``flat``: (T,) slot of each row in the (batch * length) buffer, or None when the rows are the
-    buffer (no padding). ``mask``: (batch, 1, 1, length) key mask, True = real (or an additive
+    buffer (no padding); ``pad``: the other slots, given with ``flat``. ``mask``: (batch, 1, 1, length) key mask, True = real (or an additive
     bias); for the block-diagonal layout (batch 1, length = all rows) a (1, 1, T, T) same-sample
     mask. ``groups``: when the samples' row counts differ a lot, the attention runs per length
     group instead: a list of (rows of the group (T_g,), the group's own layout)."""
@@ -100,6 +100,7 @@ class Layout:
     flat: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     groups: list[tuple[torch.Tensor, "Layout"]] | None = None
+    pad: torch.Tensor | None = None
 
     @property
     def slots(self) -> int:
@@ -145,7 +146,8 @@ def packed_layout(sample: torch.Tensor, batch: int, split: bool = True, diagonal
         if groups is not None:
             return Layout(batch, length, groups=groups)
     real = torch.arange(length, device=sample.device) < counts.unsqueeze(1)
-    return Layout(batch, length, real.view(-1).nonzero().squeeze(1), real[:, None, None, :])
+    slots = real.view(-1)
+    return Layout(batch, length, slots.nonzero().squeeze(1), real[:, None, None, :], pad=(~slots).nonzero().squeeze(1))
 
 
 def _length_groups(sample: torch.Tensor, counts: torch.Tensor, batch: int, length: int):
@@ -179,8 +181,9 @@ def packed_attention(
         for rows, sub in lay.groups:
             out.index_copy_(0, rows, packed_attention(qkv.index_select(0, rows), sub, num_heads, head_dim, q_norm, k_norm, dropout_p))
         return out
-    if lay.flat is not None:
-        qkv = qkv.new_zeros(lay.slots, qkv.shape[-1]).index_copy_(0, lay.flat, qkv)
+    if lay.flat is not None:  # only the padding slots need zeroing (finite keys and values)
+        buf = qkv.new_empty(lay.slots, qkv.shape[-1]).index_copy_(0, lay.flat, qkv)
+        qkv = buf.index_fill_(0, lay.pad, 0.0)
     q, k, v = qkv.view(lay.batch, lay.length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
