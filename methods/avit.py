@@ -61,6 +61,7 @@ from .base import TracedViT, adapt
 from .registry import Knob, MethodSpec, register
 
 EPS = 0.01  # METHODS.md 1.2: hard-coded in the official code
+DEFER_SHARE = 1 / 16  # compact: halted rows kept in place (masked) while at most this share of the batch's rows
 KEY_MASK_BIAS = -1000.0  # METHODS.md 1.2 step 2: logit bias of halted keys in the official code
 OFFICIAL_DEPTH = 12
 OFFICIAL_TARGET_INDEX = 8  # 0-based layer index of the official Gaussian target (METHODS.md 1.3)
@@ -328,10 +329,19 @@ class AViT(TracedViT):
         """Halted tokens leave the packed rows; the per-token halting state shrinks with them.
 
         The same ``halting_weights`` as the reference, arranged for few passes:
-        a row's depth and ponder remainder are written for every active row each block (the last
-        write, at the block where it halts, is the one that stays), and when the head reads only
-        the CLS token the output accumulator o = sum h x + R x is kept for the CLS rows alone, so
-        no (rows, C) accumulation runs for patch tokens whose o nothing reads.
+        a row's depth is written for every active row each block (the last write, at the block
+        where it halts, is the one that stays) and its ponder remainder added where it halts, and
+        when the head reads only the CLS token the output accumulator o = sum h x + R x is kept
+        for the CLS rows alone, so no (rows, C) accumulation runs for patch tokens whose o nothing
+        reads.
+
+        Deferred compaction (batches, inference): while the rows are still the whole (B, N)
+        buffer and at most ``DEFER_SHARE`` of them have halted, the halted rows stay in place,
+        masked as keys and frozen in the bookkeeping (the reference's semantics) instead of
+        being gathered out: removing a handful of rows costs a scatter into a padded buffer and
+        a gather back per block, more than computing them (measured on the embedded default at
+        batch 32: 3 of 2080 rows halt after block 0). Their work is counted in
+        ``padding_waste``; the first block where more have halted removes them all.
         """
         gamma, beta, eps = self._gate()
         x = self.embed_tokens(img)
@@ -359,7 +369,9 @@ class AViT(TracedViT):
             out = torch.zeros(B * N, C, dtype=f32, device=dev)
             final = torch.zeros(B * N, C, dtype=f32, device=dev)  # o of every token once it halts
         lay = Layout(B, N, None, None)
-        pairs = 0  # query-key pairs the attention products computed (padding included)
+        pairs = computed = 0  # query-key pairs and rows the blocks computed (padding included)
+        live = None  # deferred compaction: which rows of the (B, N) buffer are still active
+        may_defer = B > 1 and not self.training
         want_aux = self.training
         if want_aux and self.bench_knobs["official_prior_quirk"]:
             raise RuntimeError("official_prior_quirk reads halted tokens' masked outputs: train in 'reference' mode")
@@ -369,13 +381,17 @@ class AViT(TracedViT):
             x = _block_packed(blk, x, lay)
             rows = x.shape[0]
             pairs += lay.pairs
+            computed += rows
             last = l == depth - 1
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if last else h_raw
-            cum, go_on, _, reached_rem, weight = halting_weights(cum, rem, h, eps)
+            cum, go_on, _, reached_rem, weight = halting_weights(cum, rem, h, eps, live)
             rem = rem - h  # what rows that go on have left (halting rows keep reached_rem)
-            depths.index_fill_(0, flat, l + 1)  # overwritten while the row stays active
-            rem_final.index_copy_(0, flat, reached_rem)
+            if live is None:
+                depths.index_fill_(0, flat, l + 1)  # overwritten while the row stays active
+            else:  # still the (B, N) buffer: row = flat position
+                depths.masked_fill_(live, l + 1)
+            rem_final.index_add_(0, flat, reached_rem)  # nonzero at the halting block only
             if cls_only and B == 1:  # the CLS row is row 0 while it is active
                 if cls_alive:
                     out = out + weight[:1].unsqueeze(1) * x[:1].to(f32)
@@ -395,6 +411,12 @@ class AViT(TracedViT):
             kept = go_on.nonzero().squeeze(1)
             if kept.numel() == rows:
                 continue
+            if may_defer and rows == B * N and rows - kept.numel() <= DEFER_SHARE * rows and bool(go_on.view(B, N).any(1).all()):
+                live = go_on  # every sample keeps a live key: the masked rows stay finite
+                lay = Layout(B, N, None, live.view(B, 1, 1, N))
+                continue
+            may_defer = False
+            live = None
             if kept.numel() == 0:  # every token of every sample halted: later blocks get nothing
                 mass.extend(torch.zeros((), dtype=f32, device=dev) for _ in range(depth - 1 - l))
                 if not cls_only:
@@ -418,7 +440,7 @@ class AViT(TracedViT):
         depths = depths.view(B, N)
         tokens = self._tokens_from_depths(depths, depth)
         rho = depths.to(f32) + rem_final.view(B, N)
-        self._record(tokens, depths, rho, padding_waste=self._padding_waste(tokens, pairs))
+        self._record(tokens, depths, rho, padding_waste=self._padding_waste(tokens, computed, pairs))
         return logits
 
     # -- trace ------------------------------------------------------------------------------------
@@ -440,14 +462,17 @@ class AViT(TracedViT):
             self.__dict__["_avit_gmacs_table"] = cached
         return cached
 
-    def _padding_waste(self, tokens: torch.Tensor, pairs: int) -> float:
+    def _padding_waste(self, tokens: torch.Tensor, rows: int, pairs: int) -> float:
         """Share of the executed block MACs that no sample needed: the attention products over
-        padding slots (or, in a block-diagonal product, over other samples' keys); the linear
-        layers and norms run on the packed rows only and waste nothing."""
+        padding slots (or, in a block-diagonal product, over other samples' keys), and the rows
+        of halted tokens that deferred compaction kept computing. ``rows``/``pairs``: rows and
+        query-key pairs the blocks computed, summed over blocks."""
         shape = self.bench_shape
         t = tokens.to(torch.float64)
-        extra = 2 * shape.attn_dim * (pairs - float((t * t).sum()))
-        return max(0.0, extra / (float(shape.block(t).sum()) + extra))
+        per_row = float(shape.block(1)) - 2 * shape.attn_dim  # block(n) = per_row * n + 2 A n^2
+        useful = float(shape.block(t).sum())
+        executed = per_row * rows + 2 * shape.attn_dim * pairs
+        return max(0.0, 1.0 - useful / executed) if executed > 0 else 0.0
 
     def _record(self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float) -> None:
         table, fixed = self._gmacs_table()

@@ -221,6 +221,7 @@ def test_compact_batch_records_padding_waste(vit, images, monkeypatch, diagonal_
 
     monkeypatch.setattr(attention, "DIAGONAL_MAX_ROWS", diagonal_max_rows)
     monkeypatch.setattr(attention, "SPLIT_GAIN", 0.0)  # one padded buffer per block, no length groups
+    monkeypatch.setattr(methods.avit, "DEFER_SHARE", 0.0)  # halted rows leave at once
     model = methods.build("avit", vit, gate_scale=3.0, gate_center=0.5)
     _, tr = run(model, images)
     n = tr.tokens.to(torch.float64)  # (B, depth): tokens entering each block
@@ -232,6 +233,34 @@ def test_compact_batch_records_padding_waste(vit, images, monkeypatch, diagonal_
     pairs = float(torch.where(even, padded, n.sum(0).pow(2) if diagonal_max_rows else padded).sum())
     extra = 2 * shape.attn_dim * (pairs - float(n.pow(2).sum()))
     assert extra > 0 and tr.padding_waste == pytest.approx(extra / (useful + extra), rel=1e-9)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_deferred_compaction_equals_reference(vit, images, monkeypatch, pool):
+    """Halted rows left in place (masked keys, frozen bookkeeping) give the reference's logits,
+    depths and ponder, and their computation is counted as waste."""
+    from methods import attention
+
+    torch.manual_seed(1)
+    net = vit if pool == "token" else create_digits_vit(global_pool=pool, fc_norm=False).eval()
+    knobs = {"gate_scale": 3.0, "gate_center": 1.5}
+    ref_logits, ref = run(methods.build("avit", net, mode="reference", **knobs), images)
+    layouts = []
+    real_layout = attention.packed_layout
+    monkeypatch.setattr(methods.avit, "packed_layout", lambda *a, **k: layouts.append(1) or real_layout(*a, **k))
+    monkeypatch.setattr(methods.avit, "DEFER_SHARE", 1.0)  # defer for as long as every sample keeps a live row
+    logits, tr = run(methods.build("avit", net, mode="compact", **knobs), images)
+    n = tr.tokens
+    alive = n.min(dim=0).values > 0  # blocks where every sample still had a token
+    assert (n[:, 1:] < TOKENS).any() and alive.all()  # tokens halted, and no sample ran out
+    assert not layouts  # never compacted: every block ran on the (B, N) buffer
+    assert (logits - ref_logits).abs().max() < 1e-4
+    assert torch.equal(tr.depths, ref.depths) and torch.allclose(tr.ponder, ref.ponder, atol=1e-5)
+    shape = methods.vit_shape(net)
+    rows = len(images) * TOKENS * DEPTH
+    executed = (float(shape.block(1)) - 2 * shape.attn_dim) * rows + 2 * shape.attn_dim * TOKENS * rows
+    useful = float(shape.block(n.to(torch.float64)).sum())
+    assert tr.padding_waste == pytest.approx(1 - useful / executed, rel=1e-9) and tr.padding_waste > 0
 
 
 def test_compact_on_deit_tiny_with_bf16_autocast():
