@@ -440,7 +440,7 @@ class AViT(TracedViT):
         depths = depths.view(B, N)
         tokens = self._tokens_from_depths(depths, depth)
         rho = depths.to(f32) + rem_final.view(B, N)
-        self._record(tokens, depths, rho, padding_waste=self._padding_waste(tokens, computed, pairs))
+        self._record(tokens, depths, rho, executed=(computed, pairs))
         return logits
 
     # -- trace ------------------------------------------------------------------------------------
@@ -462,29 +462,31 @@ class AViT(TracedViT):
             self.__dict__["_avit_gmacs_table"] = cached
         return cached
 
-    def _padding_waste(self, tokens: torch.Tensor, rows: int, pairs: int) -> float:
-        """Share of the executed block MACs that no sample needed: the attention products over
-        padding slots (or, in a block-diagonal product, over other samples' keys), and the rows
-        of halted tokens that deferred compaction kept computing. ``rows``/``pairs``: rows and
-        query-key pairs the blocks computed, summed over blocks."""
-        shape = self.bench_shape
-        t = tokens.to(torch.float64)
-        per_row = float(shape.block(1)) - 2 * shape.attn_dim  # block(n) = per_row * n + 2 A n^2
-        useful = float(shape.block(t).sum())
-        executed = per_row * rows + 2 * shape.attn_dim * pairs
-        return max(0.0, 1.0 - useful / executed) if executed > 0 else 0.0
-
-    def _record(self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float) -> None:
+    def _record(
+        self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float = 0.0, executed: tuple[int, int] | None = None
+    ) -> None:
+        """``executed``: (rows, query-key pairs) the blocks computed, summed over blocks (compact);
+        ``padding_waste`` is then the share of the executed block MACs that no sample needed: the
+        attention products over padding slots (or, in a block-diagonal product, over other
+        samples' keys) and the rows of halted tokens that deferred compaction kept computing."""
         table, fixed = self._gmacs_table()
         tokens = tokens.cpu()
         if int(tokens.max()) < len(table):
-            gmacs = table[tokens].sum(dim=1) + fixed
+            blocks = table[tokens].sum(dim=1)
+            gmacs = blocks + fixed
         else:  # more tokens than the model was built for (e.g. a dynamic image size)
             # the final norm / head see the CLS token, or every token (all of them enter block 0)
             n_final = torch.ones(len(tokens), dtype=torch.float64) if self._cls_only() else tokens[:, 0].to(torch.float64)
             gmacs = self.bench_shape.gmacs_from_tokens(tokens, n_final)
+            blocks = gmacs - self.bench_shape.gmacs_from_tokens(torch.zeros_like(tokens), n_final)
+        if executed is not None:
+            rows, pairs = executed
+            attn = 2 * self.bench_shape.attn_dim
+            per_row = float(table[1]) * 1e9 - attn  # block(n) = per_row * n + 2 A n^2
+            spare = per_row * (rows - int(tokens.sum())) + attn * (pairs - int((tokens * tokens).sum()))
+            padding_waste = spare / (float(blocks.sum()) * 1e9 + spare) if spare > 0 else 0.0
         self.record(
-            tokens.cpu(),
+            tokens,
             gmacs=gmacs,
             depths=depths.detach().cpu(),
             ponder=rho.detach().float().mean(dim=1).cpu(),
