@@ -92,14 +92,16 @@ class Layout:
     ``flat``: (T,) slot of each row in the (batch * length) buffer, or None when the rows are the
     buffer (no padding); ``pad``: the other slots, given with ``flat``. ``mask``: (batch, 1, 1, length) key mask, True = real (or an additive
     bias); for the block-diagonal layout (batch 1, length = all rows) a (1, 1, T, T) same-sample
-    mask. ``groups``: when the samples' row counts differ a lot, the attention runs per length
-    group instead: a list of (rows of the group (T_g,), the group's own layout)."""
+    mask. ``groups``: when the samples' row counts differ a lot, the buffer holds two length
+    groups one after the other, each padded to its own length: a list of (first slot of the
+    group, the group's layout over its part of the buffer); ``flat`` and ``pad`` then index the
+    whole buffer (``batch`` and ``length`` keep the single buffer's shape)."""
 
     batch: int
     length: int
     flat: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    groups: list[tuple[torch.Tensor, "Layout"]] | None = None
+    groups: list[tuple[int, "Layout"]] | None = None
     pad: torch.Tensor | None = None
 
     @property
@@ -142,16 +144,19 @@ def packed_layout(sample: torch.Tensor, batch: int, split: bool = True, diagonal
     if diagonal and sample.device.type == "cpu" and rows <= DIAGONAL_MAX_ROWS:
         return Layout(1, rows, None, (sample.unsqueeze(1) == sample.unsqueeze(0)).view(1, 1, rows, rows))
     if split and batch > 1:
-        groups = _length_groups(sample, counts, batch, length)
-        if groups is not None:
-            return Layout(batch, length, groups=groups)
+        grouped = _length_groups(sample, counts, batch, length)
+        if grouped is not None:
+            return grouped
     real = torch.arange(length, device=sample.device) < counts.unsqueeze(1)
     slots = real.view(-1)
     return Layout(batch, length, slots.nonzero().squeeze(1), real[:, None, None, :], pad=(~slots).nonzero().squeeze(1))
 
 
-def _length_groups(sample: torch.Tensor, counts: torch.Tensor, batch: int, length: int):
-    ordered = sorted(counts.tolist(), reverse=True)  # a Python loop over <= batch counts beats tensor ops here
+def _length_groups(sample: torch.Tensor, counts: torch.Tensor, batch: int, length: int) -> Layout | None:
+    """Two length groups in one buffer: the longest samples (padded to ``length``) in the first
+    slots, the others (padded to the cut length) after them; each row's slot in ``flat``."""
+    per_sample = counts.tolist()  # Python over <= batch counts: cheaper than a dozen tiny tensor ops
+    ordered = sorted(per_sample, reverse=True)
     best, cut = batch * length * length * SPLIT_GAIN, 0
     for s in range(1, batch):
         if ordered[s] == 0:
@@ -161,34 +166,58 @@ def _length_groups(sample: torch.Tensor, counts: torch.Tensor, batch: int, lengt
             best, cut = cost, s
     if cut == 0:
         return None
-    long = counts > ordered[cut]  # the longest samples (ties at the cut length go to the short group)
+    short = ordered[cut]  # samples longer than this form the long group (ties go to the short one)
+    long_counts = [c for c in per_sample if c > short]
+    short_counts = [c for c in per_sample if 0 < c <= short]
+    n_long = len(long_counts)
+    base, start, i_long, i_short = [], 0, 0, 0
+    for c in per_sample:  # slot of each sample's first row, minus the index of its first packed row
+        if c > short:
+            base.append(i_long * length - start)
+            i_long += 1
+        else:
+            base.append(n_long * length + i_short * short - start)
+            i_short += c > 0
+        start += c
+    dev = sample.device
+    flat = torch.tensor(base, device=dev).index_select(0, sample) + torch.arange(sample.shape[0], device=dev)
     groups = []
-    for member in (long, (counts > 0) & ~long):
-        rows = member.index_select(0, sample).nonzero().squeeze(1)
-        rank = torch.cumsum(member, 0) - 1  # sample id -> its index inside the group
-        sub = rank.index_select(0, sample.index_select(0, rows))
-        groups.append((rows, packed_layout(sub, int(member.sum()), split=False, diagonal=False)))
-    return groups
+    offset = 0
+    for n, size, group_counts in ((n_long, length, long_counts), (len(short_counts), short, short_counts)):
+        real = torch.arange(size, device=dev) < torch.tensor(group_counts, device=dev).unsqueeze(1)
+        groups.append((offset, Layout(n, size, mask=None if min(group_counts) == size else real[:, None, None, :])))
+        offset += n * size
+    free = torch.ones(offset, dtype=torch.bool, device=dev).index_fill_(0, flat, False)
+    return Layout(batch, length, flat, groups=groups, pad=free.nonzero().squeeze(1))
 
 
 def packed_attention(
     qkv: torch.Tensor, lay: Layout, num_heads: int, head_dim: int, q_norm=None, k_norm=None, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt d) v per sample for packed rows: ``qkv`` (T, 3 * heads * d) as timm's
-    fused qkv projection gives it; returns (T, heads * d). Products run in ``lay``'s buffer(s)."""
-    if lay.groups:
-        out = qkv.new_empty(qkv.shape[0], num_heads * head_dim)
-        for rows, sub in lay.groups:
-            out.index_copy_(0, rows, packed_attention(qkv.index_select(0, rows), sub, num_heads, head_dim, q_norm, k_norm, dropout_p))
-        return out
+    fused qkv projection gives it; returns (T, heads * d). Products run in ``lay``'s buffer: the
+    rows scattered into it (padding slots zeroed), one product per length group, rows gathered back."""
     if lay.flat is not None:  # only the padding slots need zeroing (finite keys and values)
         buf = qkv.new_empty(lay.slots, qkv.shape[-1]).index_copy_(0, lay.flat, qkv)
         qkv = buf.index_fill_(0, lay.pad, 0.0)
+    if lay.groups:
+        o = qkv.new_empty(lay.slots, num_heads * head_dim)
+        for offset, sub in lay.groups:
+            part = slice(offset, offset + sub.slots)
+            o[part].view(sub.batch, sub.length, num_heads, head_dim).copy_(
+                _attend(qkv[part], sub, num_heads, head_dim, q_norm, k_norm, dropout_p).transpose(1, 2)
+            )
+    else:
+        o = _attend(qkv, lay, num_heads, head_dim, q_norm, k_norm, dropout_p).transpose(1, 2).reshape(lay.slots, num_heads * head_dim)
+    return o if lay.flat is None else o.index_select(0, lay.flat)
+
+
+def _attend(qkv: torch.Tensor, lay: Layout, num_heads: int, head_dim: int, q_norm, k_norm, dropout_p: float) -> torch.Tensor:
+    """The product over a (batch * length, 3 * heads * d) buffer: (batch, heads, length, d)."""
     q, k, v = qkv.view(lay.batch, lay.length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     mask = lay.mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    o = sdpa(q, k, v, mask, dropout_p).transpose(1, 2).reshape(lay.slots, num_heads * head_dim)
-    return o if lay.flat is None else o.index_select(0, lay.flat)
+    return sdpa(q, k, v, mask, dropout_p)

@@ -79,12 +79,13 @@ def test_packed_attention_equals_per_sample_attention(counts, grouped):
     assert (out - _per_sample(qkv, sample, heads, d)).abs().max() < 1e-5
     longest = max(counts)
     assert len(sample) <= lay.slots <= len(counts) * longest
-    for sub in [g for _, g in lay.groups] if grouped else [lay]:  # buffers are allocated empty:
-        if sub.flat is not None:  # the rows and the zeroed padding slots must cover every slot once
-            assert torch.equal(torch.cat([sub.flat, sub.pad]).sort().values, torch.arange(sub.slots))
-    if grouped:  # the groups cover every row once, and pad less than one buffer would
-        rows = torch.cat([r for r, _ in lay.groups]).sort().values
-        assert torch.equal(rows, torch.arange(len(sample)))
+    if lay.flat is not None:  # the buffer is allocated empty: rows and zeroed padding cover every slot once
+        assert torch.equal(torch.cat([lay.flat, lay.pad]).sort().values, torch.arange(lay.slots))
+    if grouped:  # back to back in one buffer, each group padded to its own length, less than one buffer
+        (first, long), (second, short) = lay.groups
+        assert first == 0 and second == long.slots and lay.slots == long.slots + short.slots
+        assert long.length == longest and short.length < longest
+        assert long.batch + short.batch == sum(c > 0 for c in counts)  # samples without rows get no slots
         assert lay.slots < len(counts) * longest
 
 
