@@ -383,10 +383,13 @@ class AViT(TracedViT):
             pairs += lay.pairs
             computed += rows
             last = l == depth - 1
-            h_raw = halting_scores(x, gamma, beta)
-            h = torch.ones_like(h_raw) if last else h_raw
-            cum, go_on, _, reached_rem, weight = halting_weights(cum, rem, h, eps, live)
-            rem = rem - h  # what rows that go on have left (halting rows keep reached_rem)
+            if last and not want_aux:  # h forced to 1: every active row halts here with its remainder
+                reached_rem = weight = rem if live is None else torch.where(live, rem, 0.0)
+            else:
+                h_raw = halting_scores(x, gamma, beta)
+                h = torch.ones_like(h_raw) if last else h_raw
+                cum, go_on, _, reached_rem, weight = halting_weights(cum, rem, h, eps, live)
+                rem = rem - h  # what rows that go on have left (halting rows keep reached_rem)
             if live is None:
                 depths.index_fill_(0, flat, l + 1)  # overwritten while the row stays active
             else:  # still the (B, N) buffer: row = flat position
@@ -394,12 +397,11 @@ class AViT(TracedViT):
             rem_final.index_add_(0, flat, reached_rem)  # nonzero at the halting block only
             if cls_only and B == 1:  # the CLS row is row 0 while it is active
                 if cls_alive:
-                    out = out + weight[:1].unsqueeze(1) * x[:1].to(f32)
+                    out.addcmul_(weight[:1].unsqueeze(1), x[:1])
             elif cls_only:
-                w = weight.index_select(0, cls_row) * cls_live
-                out = out + w.unsqueeze(1) * x.index_select(0, cls_row).to(f32)
+                out.addcmul_((weight.index_select(0, cls_row) * cls_live).unsqueeze(1), x.index_select(0, cls_row))
             else:
-                out = out + weight.unsqueeze(1) * x.to(f32)
+                out.addcmul_(weight.unsqueeze(1), x)
             if want_aux:  # corrected per-layer mass: patch tokens only, halted ones count 0
                 patch = (flat % N >= prefix).to(f32)
                 mass.append((h_raw * patch).sum() / (B * (N - prefix)))
