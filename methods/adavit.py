@@ -328,23 +328,25 @@ class AdaViT(TracedViT):
     def _compact_block(self, i: int, blk: nn.Module, gates: AdaGates, x: torch.Tensor, rec: dict) -> torch.Tensor:
         B, N, C = x.shape
         P = self.num_prefix_tokens
+        H = blk.attn.num_heads
         thr = self._thresholds
         ia = None  # rows of the batch with at least one sub-layer on (None: all)
-        hk = a = m = None
+        hk = None
+        dec = None  # per row: [attention on, FFN on, head 0 kept, ...], read to the host once per block
         if gates.head is not None:
             cls = x[:, 0]
             hk = _eval_decision(gates.head(cls), thr["head"])  # (B, H) bool
             sk = _eval_decision(gates.block(cls), thr["block"])  # (B, 2) bool
             rec["heads"][:, i] = hk.sum(1)
             rec["sublayers"][:, i] = sk
-            a, m = sk[:, 0], sk[:, 1]
-            active = a | m
-            n_active = int(active.sum())
-            if n_active == 0:
+            dec = torch.cat([sk, hk], 1).tolist()
+            on = [r for r, d in enumerate(dec) if d[0] or d[1]]
+            if not on:
                 return x  # the whole block skipped: no LN1, no patch gate
-            if n_active < B:
-                ia = active.nonzero().squeeze(1)
-                hk, a, m = hk[ia], a[ia], m[ia]
+            if len(on) < B:
+                dec = [dec[r] for r in on]
+                ia = torch.tensor(on, device=x.device)
+                hk = hk.index_select(0, ia)
         xa = x if ia is None else x.index_select(0, ia)
         Ba = xa.shape[0]
         y = blk.norm1(xa)
@@ -360,35 +362,34 @@ class AdaViT(TracedViT):
         # kept tokens of every row, packed without padding (sample-major, token order kept):
         # the token-wise layers (qkv, proj, LN2, FFN) run on exactly these rows; only the
         # attention matmuls see a padded layout (in _compact_attention)
-        if int(t.min()) == N:
+        flat = keep.reshape(-1).nonzero().squeeze(1)
+        if flat.shape[0] == Ba * N:
             flat = None
             xp, yp = xa.reshape(Ba * N, C), y.reshape(Ba * N, C)
         else:
-            flat = keep.reshape(-1).nonzero().squeeze(1)
             xp = xa.reshape(Ba * N, C).index_select(0, flat)
             yp = y.reshape(Ba * N, C).index_select(0, flat)
         identity = self.bench_knobs["head_variant"] == "identity_attn"
-        # MSA on the rows whose attention is on
-        rows = _rows(a)
-        if rows is not False:
-            prow = None if rows is None else a.repeat_interleave(t).nonzero().squeeze(1)
-            t_a = t if rows is None else t.index_select(0, rows)
-            hk_a = hk if (hk is None or rows is None) else hk.index_select(0, rows)
-            yin = yp if prow is None else yp.index_select(0, prow)
-            out = blk.ls1(self._compact_attention(blk, yin, t_a, hk_a, rec)).to(xp.dtype)
-            xp = xp + out if prow is None else xp.index_add(0, prow, out)
-        # FFN on the rows whose FFN is on
-        rows = _rows(m)
-        if rows is not False:
-            prow = None if rows is None else m.repeat_interleave(t).nonzero().squeeze(1)
-            hk_m = hk if (hk is None or rows is None) else hk.index_select(0, rows)
-            heads, nu, uniform = self._head_union(hk_m, blk.attn.num_heads)
-            hk_rows = None
-            if not uniform and not identity:
-                t_m = t if rows is None else t.index_select(0, rows)
-                hk_rows = hk_m.repeat_interleave(t_m, dim=0)
-            xin = xp if prow is None else xp.index_select(0, prow)
-            out = blk.ls2(self._compact_mlp(blk, xin, heads, nu, hk_rows, rec)).to(xp.dtype)
+        # MSA on the rows whose attention is on, then the FFN on the rows whose FFN is on
+        for part in (0, 1):
+            rows = None if dec is None else [r for r, d in enumerate(dec) if d[part]]
+            if rows is not None and not rows:
+                continue
+            if rows is not None and len(rows) == Ba:
+                rows = None
+            sel = None if rows is None else torch.tensor(rows, device=x.device)
+            flags = None if sel is None else torch.tensor([d[part] for d in dec], dtype=torch.bool, device=x.device)
+            prow = None if sel is None else flags.repeat_interleave(t).nonzero().squeeze(1)
+            union = self._head_union(None if dec is None else [dec[r][2:] for r in (rows or range(Ba))], H, x.device)
+            hk_p = hk if (hk is None or sel is None) else hk.index_select(0, sel)
+            t_p = t if sel is None else t.index_select(0, sel)
+            xin = (yp if part == 0 else xp) if prow is None else (yp if part == 0 else xp).index_select(0, prow)
+            if part == 0:
+                out = blk.ls1(self._compact_attention(blk, xin, t_p, hk_p, union, rec)).to(xp.dtype)
+            else:
+                heads, nu, uniform, _ = union
+                hk_rows = None if uniform or identity else hk_p.repeat_interleave(t_p, dim=0)
+                out = blk.ls2(self._compact_mlp(blk, xin, union, hk_rows, rec)).to(xp.dtype)
             xp = xp + out if prow is None else xp.index_add(0, prow, out)
         # carry the dropped tokens through unchanged
         if flat is None:
@@ -397,59 +398,62 @@ class AdaViT(TracedViT):
             xa = xa.reshape(Ba * N, C).index_copy(0, flat, xp).reshape(Ba, N, C)
         return xa if ia is None else x.index_copy(0, ia, xa)
 
-    def _sliced(self, w: torch.Tensor, heads: torch.Tensor | None, part: str, make) -> torch.Tensor:
+    def _sliced(self, w: torch.Tensor, heads: torch.Tensor | None, key: tuple | None, part: str, make) -> torch.Tensor:
         """``make()``: the rows / columns of the kept heads of weight ``w`` (a view of ``w`` when every
-        head is kept). Without autograd the slice is cached per (weight, version, head set): weights
-        are fixed at inference, so a repeated head set costs no copy (the slicing was about a tenth of
-        DeiT-S's compact time at batch 1). One slice per head set and weight, never per sample; the
-        cache is bounded and keyed by the weight's storage and version, so loading new weights or an
-        in-place update invalidates it."""
+        head is kept). Without autograd the slice is cached per (weight, version, head set ``key``):
+        weights are fixed at inference, so a repeated head set costs no copy (the slicing was about a
+        tenth of DeiT-S's compact time at batch 1). One slice per head set and weight, never per
+        sample; the cache is bounded and keyed by the weight's storage and version, so loading new
+        weights or an in-place update invalidates it."""
         if heads is None or torch.is_grad_enabled() and w.requires_grad:
             return make()  # no heads dropped: a view, no copy
         cache = self.__dict__.setdefault("_adavit_slices", {})
-        key = (part, w.data_ptr(), w._version, w.dtype, w.device, tuple(heads.tolist()))
-        hit = cache.get(key)
+        full = (part, w.data_ptr(), w._version, w.dtype, w.device, key)
+        hit = cache.get(full)
         if hit is None:
             if len(cache) >= 1024:
                 cache.clear()
-            hit = cache[key] = make()
+            hit = cache[full] = make()
         return hit
 
-    def _head_union(self, hk: torch.Tensor | None, H: int) -> tuple[torch.Tensor | None, int, bool]:
-        """Heads kept by any row (None: all), how many, and whether every row keeps exactly those."""
-        if hk is None:
-            return None, H, True
-        if hk.shape[0] == 1:
-            union, uniform = hk[0], True
-        else:
-            union = hk.any(0)
-            uniform = bool((hk == union).all())
-        n = int(union.sum())
-        if n == H:
-            return None, H, uniform
-        return union.nonzero().squeeze(1), n, uniform
+    def _head_union(self, kept: list | None, H: int, device: torch.device) -> tuple[torch.Tensor | None, int, bool, tuple | None]:
+        """From the rows' head decisions (lists of H bools; None: all heads): the heads kept by any
+        row (None: all), how many, whether every row keeps exactly those, and the head set as a
+        tuple (the slice-cache key)."""
+        if kept is None:
+            return None, H, True, None
+        union = tuple(h for h in range(H) if any(r[h] for r in kept))
+        uniform = all(sum(r) == len(union) for r in kept)  # each row's heads lie inside the union
+        if len(union) == H:
+            return None, H, uniform, None
+        cache = self.__dict__.setdefault("_adavit_head_sets", {})
+        heads = cache.get((union, device))
+        if heads is None:
+            heads = cache[(union, device)] = torch.tensor(union, dtype=torch.int64, device=device)
+        return heads, len(union), uniform, union
 
-    def _compact_attention(self, blk, yp, t, hk, rec) -> torch.Tensor:
+    def _compact_attention(self, blk, yp, t, hk, union, rec) -> torch.Tensor:
         """MSA of packed token rows ``yp`` (S, C) of Bs samples with ``t`` (Bs,) rows each.
         qkv and proj run on the S rows, sliced to the union of the heads the samples keep; the
         attention matmuls run in ``methods.attention.packed_layout``'s layout (each sample padded
         to the longest with a key mask unless all counts are equal, length groups when the counts
-        are very uneven, one block-diagonal product for few rows on CPU); ``hk`` (Bs, H) zeroes (or, identity_attn, passes V through for)
-        the heads a sample dropped where the samples disagree."""
+        are very uneven, one block-diagonal product for few rows on CPU); ``union``: the
+        ``_head_union`` of the samples; ``hk`` (Bs, H) zeroes (or, identity_attn, passes V
+        through for) the heads a sample dropped where the samples disagree."""
         attn = blk.attn
         S, C = yp.shape
         Bs = t.shape[0]
         H, d = attn.num_heads, attn.head_dim
         identity = self.bench_knobs["head_variant"] == "identity_attn"
-        heads, nu, uniform = self._head_union(hk, H)
+        heads, nu, uniform, key = union
         cu = nu * d
         if not identity and nu == 0:  # every head dropped: q/k/v are zero, the MSA output is proj's bias
             out = yp.new_zeros(S, C)
             return out + attn.proj.bias.to(out.dtype) if attn.proj.bias is not None else out
         W, b = attn.qkv.weight, attn.qkv.bias
         parts = 2 if identity else 3  # identity_attn: V of every head comes from its own linear
-        W = self._sliced(W, heads, f"qkv_w{parts}", lambda: _head_rows(W[: parts * C], heads, parts, H, d))
-        b = None if b is None else self._sliced(b, heads, f"qkv_b{parts}", lambda: _head_rows(b[: parts * C], heads, parts, H, d))
+        W = self._sliced(W, heads, key, f"qkv_w{parts}", lambda: _head_rows(W[: parts * C], heads, parts, H, d))
+        b = None if b is None else self._sliced(b, heads, key, f"qkv_b{parts}", lambda: _head_rows(b[: parts * C], heads, parts, H, d))
         qkv = F.linear(yp, W, b)  # (S, parts * cu)
         v_all = F.linear(yp, attn.qkv.weight[2 * C :], None if attn.qkv.bias is None else attn.qkv.bias[2 * C :]) if identity else None
         hk_rows = None if uniform else hk.repeat_interleave(t, dim=0)  # (S, H)
@@ -475,19 +479,20 @@ class AdaViT(TracedViT):
             out = attn.proj_drop(attn.proj(o))
             rec["padded_macs"] += S * C * (2 * cu + C) + 2 * pairs * cu + S * C * C
             return out
-        Wp = self._sliced(attn.proj.weight, heads, "proj_w", lambda: _head_cols(attn.proj.weight, heads, H, d))
+        Wp = self._sliced(attn.proj.weight, heads, key, "proj_w", lambda: _head_cols(attn.proj.weight, heads, H, d))
         out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
         rec["padded_macs"] += S * C * 3 * cu + 2 * pairs * cu + S * cu * C
         return out
 
-    def _compact_mlp(self, blk, xp, heads, nu, hk_rows, rec) -> torch.Tensor:
+    def _compact_mlp(self, blk, xp, union, hk_rows, rec) -> torch.Tensor:
         """FFN on packed token rows ``xp`` (S, C). zero_channels: fc1 reads only the channels of
-        ``heads`` (the union the rows keep; None: all), and ``hk_rows`` (S, H) zeroes per row the
+        the heads in ``union`` (``_head_union`` of the rows' samples), and ``hk_rows`` (S, H) zeroes per row the
         heads a row's sample dropped when the rows disagree."""
         mlp = blk.mlp
         S, C = xp.shape
         H, d = blk.attn.num_heads, blk.attn.head_dim
         R = mlp.fc1.out_features
+        heads, nu, _, key = union
         z = blk.norm2(xp)
         if self.bench_knobs["head_variant"] == "identity_attn":
             h, cu = mlp.fc1(z), C
@@ -495,7 +500,7 @@ class AdaViT(TracedViT):
             cu = nu * d
             if hk_rows is not None:
                 z = z * hk_rows.to(z.dtype).repeat_interleave(d, dim=1)
-            w1 = self._sliced(mlp.fc1.weight, heads, "fc1_w", lambda: _head_cols(mlp.fc1.weight, heads, H, d))
+            w1 = self._sliced(mlp.fc1.weight, heads, key, "fc1_w", lambda: _head_cols(mlp.fc1.weight, heads, H, d))
             h = F.linear(_head_cols(z, heads, H, d), w1, mlp.fc1.bias)
         h = mlp.drop1(mlp.act(h))
         h = mlp.norm(h)
@@ -519,18 +524,6 @@ def _head_cols(w: torch.Tensor, heads: torch.Tensor | None, num_heads: int, d: i
         return w
     lead = w.shape[:-1]
     return w.reshape(*lead, num_heads, d).index_select(-2, heads).reshape(*lead, -1)
-
-
-def _rows(flags: torch.Tensor | None):
-    """None: every row; False: no row; else the indices of the rows that are on."""
-    if flags is None:
-        return None
-    n = int(flags.sum())
-    if n == flags.shape[0]:
-        return None
-    if n == 0:
-        return False
-    return flags.nonzero().squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------
