@@ -383,11 +383,12 @@ class AdaViT(TracedViT):
             union = self._head_union(None if dec is None else [dec[r][2:] for r in (rows or range(Ba))], H, x.device)
             hk_p = hk if (hk is None or sel is None) else hk.index_select(0, sel)
             t_p = t if sel is None else t.index_select(0, sel)
-            xin = (yp if part == 0 else xp) if prow is None else (yp if part == 0 else xp).index_select(0, prow)
+            src = yp if part == 0 else xp  # attention reads LN1's output, the FFN the residual stream
+            xin = src if prow is None else src.index_select(0, prow)
             if part == 0:
                 out = blk.ls1(self._compact_attention(blk, xin, t_p, hk_p, union, rec)).to(xp.dtype)
             else:
-                heads, nu, uniform, _ = union
+                uniform = union[2]
                 hk_rows = None if uniform or identity else hk_p.repeat_interleave(t_p, dim=0)
                 out = blk.ls2(self._compact_mlp(blk, xin, union, hk_rows, rec)).to(xp.dtype)
             xp = xp + out if prow is None else xp.index_add(0, prow, out)

@@ -98,8 +98,8 @@ class Layout:
     order) sit in the (batch, length) buffer that the attention product runs in.
 
     ``flat``: (T,) slot of each row in the (batch * length) buffer, or None when the rows are the
-    buffer (no padding); ``pad``: the other slots, given with ``flat``. ``mask``: (batch, 1, 1, length) key mask, True = real (or an additive
-    bias); for the block-diagonal layout (batch 1, length = all rows) a (1, 1, T, T) same-sample
+    buffer (no padding); ``pad``: the other slots, given with ``flat``. ``mask``: (batch, 1, 1,
+    length) key mask, True = real (or an additive bias); for the block-diagonal layout (batch 1, length = all rows) a (1, 1, T, T) same-sample
     mask. ``groups``: when the samples' row counts differ a lot, the buffer holds two length
     groups one after the other, each padded to its own length: a list of (first slot of the
     group, the group's layout over its part of the buffer); ``flat`` and ``pad`` then index the

@@ -21,10 +21,11 @@ Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
   token, samples one after another), so LayerNorms, qkv, proj and the MLP run only on active rows;
   only the attention product needs a per-sample layout, for which the packed rows are scattered
   into a (B, longest, .) buffer with a key-padding mask (``methods.attention.packed_layout``: on
-  CPU up to ``DIAGONAL_MAX_ROWS`` rows in all run one block-diagonal product instead, and very uneven counts
-  two length groups). At batch 1, or whenever every sample has the same number of active tokens,
-  the buffer is a view and there is no mask and no padding. ``padding_waste`` in the trace is the
-  share of the executed block MACs that went to padding (attention pairs no sample needed).
+  CPU up to ``DIAGONAL_MAX_ROWS`` rows in all run one block-diagonal product instead, and very
+  uneven counts two length groups). At batch 1, or whenever every sample has the same number of
+  active tokens, the buffer is a view and there is no mask and no padding. ``padding_waste`` in
+  the trace is the share of the executed block MACs no sample needed (padded attention pairs, and
+  halted rows that deferred compaction kept computing).
 
 Both modes give the same logits and the same per-token halting depths (METHODS.md test 7), and
 the same training gradients (halted rows get no gradient in either), so training with the
