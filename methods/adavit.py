@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import packed_attention, packed_layout
+from .attention import Layout, packed_attention, packed_layout
 from .base import TracedViT, adapt
 from .registry import Knob, MethodSpec, TrainData, register
 
@@ -464,8 +464,10 @@ class AdaViT(TracedViT):
             qkv3 = torch.cat([qkv, _head_cols(v_all, heads, H, d)], 1) if identity else qkv
             # the products run in methods.attention's layout: a padded (Bs, T) buffer with a key
             # mask, length groups, or one block-diagonal product; the padded MACs below count its pairs
-            sample = torch.arange(Bs, device=yp.device).repeat_interleave(t)
-            lay = packed_layout(sample, Bs)
+            if Bs == 1:  # one sample: its rows are the buffer (no index tensors to build)
+                lay = Layout(1, S)
+            else:
+                lay = packed_layout(torch.arange(Bs, device=yp.device).repeat_interleave(t), Bs)
             pairs = lay.pairs
             o = packed_attention(qkv3, lay, nu, d, attn.q_norm, attn.k_norm)
             if hk_rows is not None:
