@@ -159,6 +159,14 @@ def batch_of(inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     return inputs.repeat(reps, *([1] * (inputs.dim() - 1)))[:batch_size]
 
 
+def timing_batches(inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The batches ``time_side_by_side`` times, in turn: consecutive cuts of ``inputs`` (views of
+    its storage when there are at least ``batch_size`` inputs, else one cycled batch)."""
+    if inputs.shape[0] < batch_size:
+        return [batch_of(inputs, batch_size)]
+    return [inputs[s : s + batch_size] for s in range(0, inputs.shape[0] - batch_size + 1, batch_size)]
+
+
 @torch.inference_mode()
 def time_side_by_side(
     model: nn.Module,
@@ -182,15 +190,12 @@ def time_side_by_side(
     model.eval()
     if reference is not None:
         reference.eval()
-    if inputs.shape[0] < batch_size:
-        inputs = batch_of(inputs, batch_size)
-    n = inputs.shape[0]
-    starts = list(range(0, n - batch_size + 1, batch_size)) or [0]
+    batches = timing_batches(inputs, batch_size)
     clock = Clock(device)
     extras: list[dict] = []
 
     def run(m: nn.Module, i: int, keep: bool = False) -> Callable[[], object]:
-        x = inputs[starts[i % len(starts)] :][:batch_size]
+        x = batches[i % len(batches)]
 
         def call() -> object:
             with autocast(device, precision):

@@ -89,15 +89,14 @@ def side_by_side(name: str, vit, x_calib: torch.Tensor, inputs: torch.Tensor, ba
         "max_iters": args.max_iters,
         "min_seconds": args.min_seconds,
     }
-    # the dense model's own kernels on the work the gates kept (tools/ceiling.py); rounds of the
-    # three pairs in turn, the median-speedup round of each kept (shared, noisy machines)
+    # the dense model's own kernels on the work the gates kept (tools/ceiling.py)
     ceil = ceiling.adavit(vit, comp, inputs, batch)
-    runs: dict[str, list] = {"dense": [], "ref": [], "ceil": []}
-    for _ in range(args.rounds):
-        runs["dense"].append(measure.time_side_by_side(comp, dense, inputs, **kw))
-        runs["ceil"].append(measure.time_side_by_side(ceil, dense, inputs, **kw))
-        runs["ref"].append(measure.time_side_by_side(comp, ref, inputs, **kw))
-    vs_dense, vs_ref, vs_ceil = (sorted(runs[k], key=lambda r: r["speedup"])[args.rounds // 2] for k in ("dense", "ref", "ceil"))
+    runs = ceiling.median_rounds(
+        {"dense": (comp, dense), "ceil": (ceil, dense), "ref": (comp, ref)},
+        args.rounds,
+        lambda m, r: measure.time_side_by_side(m, r, inputs, **kw),
+    )
+    vs_dense, vs_ref, vs_ceil = (runs[k][args.rounds // 2] for k in ("dense", "ref", "ceil"))
     out.update(
         {
             "speedup_vs_dense": round(vs_dense["speedup"], 3),

@@ -59,18 +59,13 @@ def measure(name: str, vit, inputs: torch.Tensor, batches: list[int], knobs: dic
         # The dense model's own blocks on the token counts compact kept (tools/ceiling.py): the
         # speedup these kernels allow for this halting schedule on this machine.
         ceil = ceiling.avit(vit, compact, inputs, b)
-        # Several rounds, the round with the median speedup kept: these machines are shared, and a
-        # burst of other work inside one round hits the interleaved pair unevenly. The three pairs
-        # take turns within each round so a slow phase of the machine hits them alike.
-        runs_dense, runs_ref, runs_ceil = [], [], []
-        for _ in range(rounds):
-            runs_dense.append(time_side_by_side(compact, dense, inputs, b, cpu, "fp32", **timing))
-            runs_ceil.append(time_side_by_side(ceil, dense, inputs, b, cpu, "fp32", **timing))
-            runs_ref.append(time_side_by_side(compact, reference, inputs, b, cpu, "fp32", **timing))
-        for runs in (runs_dense, runs_ref, runs_ceil):
-            runs.sort(key=lambda r: r["speedup"])
-        vs_ceil = runs_ceil[rounds // 2]
-        vs_dense, vs_ref = runs_dense[rounds // 2], runs_ref[rounds // 2]
+        runs = ceiling.median_rounds(
+            {"dense": (compact, dense), "ceil": (ceil, dense), "ref": (compact, reference)},
+            rounds,
+            lambda m, r: time_side_by_side(m, r, inputs, b, cpu, "fp32", **timing),
+        )
+        runs_dense, runs_ref, runs_ceil = runs["dense"], runs["ref"], runs["ceil"]
+        vs_dense, vs_ref, vs_ceil = runs_dense[rounds // 2], runs_ref[rounds // 2], runs_ceil[rounds // 2]
         row = {
             "model": name,
             "batch": b,

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import methods
+from bench.measure import timing_batches
 
 
 class _Replay(nn.Module):
@@ -47,10 +48,24 @@ class _Replay(nn.Module):
         return vit.forward_head(vit.norm(x))
 
 
+def median_rounds(pairs: dict[str, tuple[nn.Module, nn.Module]], rounds: int, time) -> dict[str, list[dict]]:
+    """``time(model, reference)`` for every named pair, ``rounds`` times, the pairs taking turns
+    within a round so a slow phase of a shared machine hits them alike; per pair, the runs sorted
+    by speedup (the median round is ``runs[rounds // 2]``: a burst of other work inside one round
+    hits its interleaved pair unevenly, so single rounds are not reported)."""
+    runs: dict[str, list[dict]] = {name: [] for name in pairs}
+    for _ in range(rounds):
+        for name, (model, reference) in pairs.items():
+            runs[name].append(time(model, reference))
+    return {name: sorted(r, key=lambda run: run["speedup"]) for name, r in runs.items()}
+
+
 def _batches(inputs: torch.Tensor, batch: int) -> list[torch.Tensor]:
-    """The batches ``bench.measure.time_side_by_side`` cuts from ``inputs`` (same storage)."""
-    starts = list(range(0, inputs.shape[0] - batch + 1, batch)) or [0]
-    return [inputs[s:][:batch] for s in starts]
+    """The batches ``time_side_by_side`` times (views of ``inputs``: the replay finds each batch's
+    schedule by its storage address, so a cycled short input could not be matched)."""
+    if inputs.shape[0] < batch:
+        raise ValueError(f"the ceiling needs at least {batch} inputs for batch size {batch}, got {inputs.shape[0]}")
+    return timing_batches(inputs, batch)
 
 
 @torch.no_grad()
