@@ -50,15 +50,17 @@ Defaults for the 6-block embedded default (the official values are for 12-block 
 from __future__ import annotations
 
 import math
-import time
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Layout, packed_attention, packed_layout
+from .attention import Layout, packed_layout
 from .base import TracedViT, adapt
+from .execution import block_on_rows, check_timm_blocks, masked_block
+from .training import Recipe, fit, timed, validate
 from .registry import Knob, MethodSpec, register
 
 EPS = 0.01  # METHODS.md 1.2: hard-coded in the official code
@@ -203,34 +205,6 @@ def ponder_loss(ponder: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Blocks
-
-
-def _attention(attn: nn.Module, y: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """timm ``Attention`` on packed rows ``y`` (T, C); the products run in ``lay``'s buffer(s)."""
-    o = packed_attention(attn.qkv(y), lay, attn.num_heads, attn.head_dim, attn.q_norm, attn.k_norm, attn.attn_drop.p if attn.training else 0.0)
-    o = attn.norm(o)
-    if getattr(attn, "gate", None) is not None:
-        o = o * attn.gate(y).sigmoid()
-    return attn.proj_drop(attn.proj(o))
-
-
-def _block_packed(blk: nn.Module, x: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """A timm pre-LN ``Block`` on packed active rows (compact mode)."""
-    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lay)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-
-def _block_masked(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """The official masked block (METHODS.md 1.2 step 2) on (B*N, C) rows; ``keep`` (B*N, 1) is 1
-    for active tokens, ``lay.mask`` the -1000 bias on halted keys. The official code also zeroes
-    the LayerNorm *inputs* of halted rows; zeroing a row-wise norm's outputs makes that redundant
-    (issue #13), so only the outputs are multiplied: same values, half the passes."""
-    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x) * keep, lay)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x) * keep)))
-
-
-# --------------------------------------------------------------------------------------------
 # The model
 
 
@@ -247,12 +221,7 @@ class AViT(TracedViT):
     bench_method = "avit"
 
     def bench_setup(self, mode: str, knobs: dict[str, Any]) -> None:
-        from timm.models.vision_transformer import Attention, Block
-
-        for i, blk in enumerate(self.blocks):
-            pre_ln = isinstance(blk, Block) and type(blk).forward is Block.forward
-            if not pre_ln or type(blk.attn).forward is not Attention.forward:
-                raise TypeError(f"avit supports timm's pre-LN Block with Attention; block {i} is {type(blk).__name__}")
+        check_timm_blocks(self, "avit")
         super().bench_setup(mode, knobs)
         self.__dict__["_avit_aux"] = None
 
@@ -293,7 +262,7 @@ class AViT(TracedViT):
             keep = active.to(dtype).unsqueeze(-1)
             x = x * keep  # step 1 (the official code writes .data; here the graph sees the zeros)
             bias = torch.where(active, 0.0, KEY_MASK_BIAS).to(dtype).view(B, 1, 1, N)
-            x = _block_masked(blk, x, keep, Layout(B, N, None, bias))
+            x = masked_block(blk, x, keep, Layout(B, N, None, bias))
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if l == depth - 1 else h_raw
             # Step 4 (block output times the active mask) is left out: halting_update gives halted
@@ -379,7 +348,7 @@ class AViT(TracedViT):
         ponder_sum = torch.zeros((), dtype=f32, device=dev)
         mass = []
         for l, blk in enumerate(self.blocks):
-            x = _block_packed(blk, x, lay)
+            x = block_on_rows(blk, x, lay)
             rows = x.shape[0]
             pairs += lay.pairs
             computed += rows
@@ -538,82 +507,42 @@ def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
     target_depth = knobs["target_depth"] or default_target_depth(depth)
     target = prior_target(depth, target_depth, knobs["prior"], knobs["prior_std"])
     saved_mode, saved_center = model.bench_mode, knobs["gate_center"]
-    train_mode = "reference" if knobs["official_prior_quirk"] else "compact"
-    model.bench_mode, knobs["gate_center"] = train_mode, knobs["train_gate_center"]
-    torch.manual_seed(int(s["seed"]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
-    epochs = int(s["epochs"])
-    total = max(1, epochs * int(data.steps_per_epoch))
-    warmup = max(1, int(s["warmup_steps"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup))),
-    )
-    history = []
-    start = time.perf_counter()
+    model.bench_mode = "reference" if knobs["official_prior_quirk"] else "compact"
+    knobs["gate_center"] = knobs["train_gate_center"]
+    recipe = Recipe(steps=max(1, int(s["epochs"]) * int(data.steps_per_epoch)), warmup_steps=int(s["warmup_steps"]),
+                    grad_clip=float(s["grad_clip"] or 0.0), seed=int(s["seed"]))
+
+    def optimizer() -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
+
     try:
-        for epoch in range(epochs):
-            model.train()
-            sums = {"loss": 0.0, "task": 0.0, "ponder": 0.0, "prior": 0.0, "depth": 0.0}
-            steps = 0
-            for images, labels in data.batches(epoch):
-                logits = model(images)
-                aux = model._avit_aux
-                task = F.cross_entropy(logits, labels, label_smoothing=float(s["label_smoothing"]))
-                ponder = aux["ponder_mean"]
-                prior = prior_loss(aux["halting_mass"], target)
-                loss = task + float(s["ponder_weight"]) * ponder + float(s["prior_weight"]) * prior
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if s["grad_clip"]:
-                    nn.utils.clip_grad_norm_(params, float(s["grad_clip"]))
-                opt.step()
-                sched.step()
-                steps += 1
-                for key, v in (("loss", loss), ("task", task), ("ponder", ponder), ("prior", prior)):
-                    sums[key] += float(v.detach())
-                sums["depth"] += float(model._bench_trace.depths.float().mean())
-                progress.advance(1)
-                if steps % 10 == 0:
-                    progress.note(f"epoch {epoch + 1}: loss {sums['loss'] / steps:.3f}, mean depth {sums['depth'] / steps:.2f}")
-            row = {"epoch": epoch + 1, **{k: round(v / max(1, steps), 4) for k, v in sums.items()}}
-            history.append(row)
+        history, seconds = timed(lambda: fit(model, data.batches, optimizer, recipe, partial(step_loss, target=target, settings=s), progress))
         model.__dict__["_avit_aux"] = None
         model.bench_mode = "compact"
-        val = evaluate(model, data.val_batches())
+        val = validate(model, data.val_batches(), val_stats)
     finally:
         model.eval()
         model.__dict__["_avit_aux"] = None
         model.bench_mode, knobs["gate_center"] = saved_mode, saved_center
     progress.note(f"val top-1 {val['val_top1']:.1%}, mean depth {val['val_mean_depth']:.2f} of {depth}")
-    return {
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "target_depth": target_depth,
-        "history": history,
-        **val,
-    }
+    return {"train_seconds": seconds, "target_depth": target_depth, "history": history, **val}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Any) -> dict:
-    """Top-1, mean token depth and GMACs ratio of ``model`` (as configured) over ``batches``."""
-    model.eval()
-    correct = n = 0
-    depth_sum = gmacs_sum = 0.0
-    for images, labels in batches:
-        logits = model(images)
-        tr = model._bench_trace
-        correct += int((logits.argmax(-1) == labels).sum())
-        n += int(labels.shape[0])
-        depth_sum += float(tr.depths.float().mean(dim=1).sum())
-        gmacs_sum += float(tr.gmacs.sum())
-    dense = model.bench_shape.dense_gmacs()
-    return {
-        "val_top1": correct / max(1, n),
-        "val_mean_depth": depth_sum / max(1, n),
-        "val_gmacs_ratio": gmacs_sum / max(1, n) / dense,
-    }
+def step_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, settings: dict) -> tuple[torch.Tensor, dict]:
+    """Task loss + ponder loss + KL prior on the halting distribution (the paper's Eq. 6-7)."""
+    logits = model(images)
+    aux = model._avit_aux
+    task = F.cross_entropy(logits, labels, label_smoothing=float(settings["label_smoothing"]))
+    ponder = aux["ponder_mean"]
+    prior = prior_loss(aux["halting_mass"], target)
+    loss = task + float(settings["ponder_weight"]) * ponder + float(settings["prior_weight"]) * prior
+    logged = {k: float(v.detach()) for k, v in (("loss", loss), ("task", task), ("ponder", ponder), ("prior", prior))}
+    return loss, {**logged, "depth": float(model._bench_trace.depths.float().mean())}
+
+
+def val_stats(trace: Any) -> dict[str, torch.Tensor]:
+    return {"val_mean_depth": trace.depths.float().mean(dim=1)}
 
 
 # --------------------------------------------------------------------------------------------

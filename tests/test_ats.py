@@ -15,7 +15,8 @@ import torch
 
 import methods
 from bench import budgets
-from methods.ats import ATSConfig, _unpack, policy_softmax, resolve_config, sample_tokens, token_scores
+from methods.ats import ATSConfig, policy_softmax, resolve_config, sample_tokens, token_scores
+from methods.execution import padded_layout, unpack
 
 
 def sharpened_digits(std: float = 0.12, seed: int = 0):
@@ -290,7 +291,7 @@ def test_ats_block_rows_equal_the_dense_block_rows(vit, images, mode):
         if mode == "compact":
             out, sel, packed = model._ats_block_compact(blk, x, None, n, 65)
             assert packed is not None and out.shape[0] == int(sel.n_kept.sum())  # only real rows kept
-            out = _unpack(out, packed, x.shape[0])
+            out = unpack(out, packed)
         else:
             out, sel = model._ats_block_reference(blk, x, None, n, 65)
         y = blk.norm1(x)
@@ -416,21 +417,19 @@ def test_official_padding_reproduces_the_released_softmax_over_padded_slots(vit)
     """The released softmax subtracts the row max over padded slots too (their logit is 0): with
     real logits far below 0 the eps term then distorts the attention. Compact reproduces it with
     official_padding (and uses the plain masked softmax otherwise)."""
-    from methods.ats import _Packed
-
     counts = torch.tensor([5, 8])
-    packed = _Packed.of(counts, 8, torch.float32)
+    packed = padded_layout(counts, 8, torch.float32)
     g = torch.Generator().manual_seed(0)
     u = torch.randn(2, 3, 1, 32, generator=g)  # the digits ViT: 3 heads of 32 channels
     q = 4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)
-    k = (-4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)) * packed.valid[:, None, :, None]
-    v = torch.randn(2, 3, 8, 32, generator=g) * packed.valid[:, None, :, None]
+    k = (-4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)) * packed.real[:, None, :, None]
+    v = torch.randn(2, 3, 8, 32, generator=g) * packed.real[:, None, :, None]
     attn = vit.blocks[0].attn
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     assert float(logits[0, :, :, :5].max()) < -15  # real logits far below the padded slots' 0
-    key_policy = packed.valid[:, None, None, :].float()
+    key_policy = packed.real[:, None, None, :].float()
     released = policy_softmax(logits, key_policy, 8, True) @ v
-    plain = torch.softmax(logits.masked_fill(~packed.valid[:, None, None, :], float("-inf")), -1) @ v
+    plain = torch.softmax(logits.masked_fill(~packed.real[:, None, None, :], float("-inf")), -1) @ v
     assert (released[0] - plain[0]).abs().max() > 1e-2  # the quirk is visible for the padded sample
     official = methods.build("ats", vit, official_padding=True)
     default = methods.build("ats", vit)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import methods
 from methods import avit
 from methods.backbones import create_digits_vit
+from methods.training import validate
 
 DEPTH = 6
 TOKENS = 65
@@ -412,7 +413,7 @@ def test_training_moves_mean_depth_toward_the_target(vit):
     for name, weights in (("halting", {}), ("task only", {"ponder_weight": 0.0, "prior_weight": 0.0})):
         model = methods.build("avit", vit, **knobs)
         model.bench_knobs["gate_center"] = 1.0
-        before = avit.evaluate(model, data.val_batches())["val_mean_depth"]
+        before = validate(model, data.val_batches(), avit.val_stats)["val_mean_depth"]
         model.bench_knobs["gate_center"] = 7.0
         progress = _Progress()
         result = avit.train(model, data, {**settings, **weights}, progress)
