@@ -1,4 +1,4 @@
-"""Training recipe of the embedded-default backbone (DESIGN.md "The embedded default").
+"""Training recipe of the embedded-default backbone (docs/design.md#the-embedded-default).
 
 AdamW, cosine schedule with linear warm-up, label smoothing 0.1, gradient clipping at 1.0 (the
 prototype saw one seed in four stall at 86% without it), fresh canvases every epoch.
