@@ -3,30 +3,30 @@
 Training-free and parameter-free: an ATS block replaces the attention of a timm ``Block``, scores
 the patch tokens by the CLS attention they receive times the norm of their value vector, samples a
 subset by inverse transform sampling on a fixed grid, and outputs only the kept tokens
-(METHODS.md section 2). The model stays a timm VisionTransformer with its own weights.
+(docs/methods/ats.md#overview). The model stays a timm VisionTransformer with its own weights.
 
-What follows the official code (METHODS.md 2.2) and what is ours
+What follows the official code (docs/methods/ats.md#algorithm) and what is ours
 ------------------------------------------------------------------
-* Scores (2.2 step 3): ``s_j = (sum over heads of A[CLS -> j]) * ||v_j||``, v over all heads
+* Scores (docs/methods/ats.md#scores): ``s_j = (sum over heads of A[CLS -> j]) * ||v_j||``, v over all heads
   concatenated, CLS excluded, normalised to sum 1. ``A`` comes from the policy-aware softmax
-  ``(e + eps/N) / (sum e + eps)`` with eps = 1e-6 (step 2), in float32 as the official code does.
-* Sampling (steps 4-8): scores sorted ascending, cumulative sum min-max normalised (the lowest
+  ``(e + eps/N) / (sum e + eps)`` with eps = 1e-6 (docs/methods/ats.md#policy-aware-softmax), in float32 as the official code does.
+* Sampling (docs/methods/ats.md#sampling): scores sorted ascending, cumulative sum min-max normalised (the lowest
   token gets G = 0), a deterministic grid evenly spaced from y0 (the smallest positive G) to 1, the
   token nearest to each grid point is picked (first index on ties), duplicate picks are dropped
   (not merged), the kept tokens are CLS followed by the distinct picks in ascending score order.
-  Consequence kept on purpose: the lowest-score token is always dropped (test 13).
+  Consequence kept on purpose: the lowest-score token is always dropped (docs/methods/ats.md#check-ats-2-all-equal-scores).
 * Grid size: the released code always uses ``n_ref - 1`` points (``n_ref`` = the backbone's
   initial token count, 197 for DeiT-S), which only works when K is at least the current token
-  count N; with K < N it crashes (METHODS.md 2.3). Here K >= N gives the released behaviour
+  count N; with K < N it crashes (docs/methods/ats.md#budgeted-form). Here K >= N gives the released behaviour
   (``n_ref - 1`` points) and K < N uses a grid of K - 1 points: the paper's budgeted form, which
   the released code never ran. Each forward flags it per sample in ``trace.budgeted_form`` and the
   model says whether its budget can reach it (``model.budgeted_form``). A one-point grid (K = 2)
   is placed at 1, i.e. keeps the top-score token.
-* Attention (step 9): the attention of the kept query rows is taken over *all* N keys and values
+* Attention (docs/methods/ats.md#attention-over-all-keys): the attention of the kept query rows is taken over *all* N keys and values
   of the block input; residual, LN2 and MLP then run on the kept rows only.
-* Padding (step 10): batches are compacted to 1 + max_b K'_b rows, shorter samples padded. The
+* Padding (docs/methods/ats.md#padding-and-batch-dependence): batches are compacted to 1 + max_b K'_b rows, shorter samples padded. The
   released code lets the padded rows enter the next ATS block's sorted CDF with score 0, which
-  shifts y0 so a padded sample keeps a token it would drop alone (test 16: not batch-invariant).
+  shifts y0 so a padded sample keeps a token it would drop alone (docs/methods/ats.md#check-ats-4-batch-invariance: not batch-invariant).
   Its softmax also subtracts the row max over the padded slots (logit 0), so a sample whose real
   logits all lie far below 0 gets its attention distorted by the eps term. Default here
   (``official_padding=False``): padding is left out of the CDF, the row max and the eps/N term
@@ -34,7 +34,7 @@ What follows the official code (METHODS.md 2.2) and what is ours
   ``official_padding=True`` reproduces both released behaviours (CDF over padded slots, row max
   over all slots, eps/N with the padded length).
 
-Two execution modes (DESIGN.md contracts), same kept sets and predictions:
+Two execution modes (docs/design.md#two-execution-modes), same kept sets and predictions:
 * ``compact`` (default): what is dropped is not computed. Blocks before the first ATS stage are
   timm's own. In an ATS block only the CLS row of the attention is computed explicitly (fused SDPA
   cannot return attention probabilities), with the same policy-aware softmax as ``reference``;
@@ -48,7 +48,7 @@ Two execution modes (DESIGN.md contracts), same kept sets and predictions:
   policy-aware softmax, q/k/v rows multiplied by the policy, padding rows zeroed after each
   residual, later blocks masked by the policy softmax, every layer dense over the padded length.
 
-Compute (METHODS.md test 18): per sample, an ATS block with N_in tokens keeping K'+1 counts qkv and
+Compute (docs/methods/ats.md#check-ats-7-block-macs): per sample, an ATS block with N_in tokens keeping K'+1 counts qkv and
 LN1 on N_in, q.k^T on N_in^2, attn.v on (K'+1)*N_in, proj/LN2/MLP on K'+1 (``ViTShape.block``).
 ``trace.gmacs`` follows that count in both modes (``compact`` actually skips the q.k^T rows of
 dropped queries, a saving the count does not claim). Padding is never counted as compute; the
@@ -72,7 +72,7 @@ from .base import TracedViT, adapt
 from .execution import attention_tail, block_on_rows, flat_rows, padded_layout, take_rows, unpack
 from .registry import Knob, MethodSpec, register
 
-EPS = 1e-6  # the policy-aware softmax's eps (METHODS.md 2.2 step 2)
+EPS = 1e-6  # the policy-aware softmax's eps (docs/methods/ats.md#policy-aware-softmax)
 MIN_TOKENS = 2  # CLS + one patch token
 
 
@@ -210,7 +210,7 @@ def policy_softmax(
     n_eps: torch.Tensor | int,
     max_over_all: bool,
 ) -> torch.Tensor:
-    """The official policy-aware softmax (METHODS.md 2.2 step 2), in float32.
+    """The official policy-aware softmax (docs/methods/ats.md#policy-aware-softmax), in float32.
 
     ``key_policy`` (broadcastable to ``logits``; 1 = attendable key) multiplies the exponentials;
     ``n_eps`` is the N of the eps/N term (the padded length in the released code, the sample's own
@@ -230,7 +230,7 @@ def policy_softmax(
 
 
 def token_scores(cls_attn: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Normalised significance scores of the patch tokens (METHODS.md 2.2 step 3, test 12).
+    """Normalised significance scores of the patch tokens (docs/methods/ats.md#scores, docs/methods/ats.md#check-ats-1-scores).
 
     cls_attn: (B, H, L) CLS attention row per head; v: (B, H, L, D) values; valid: (B, L) or None.
     Returns (B, L - 1) float32, zero on padding, summing to 1 over each sample's real patches.
@@ -268,7 +268,7 @@ def sample_tokens(
     n_ref: int,
     official_padding: bool,
 ) -> Selection:
-    """Inverse transform sampling on a fixed grid (METHODS.md 2.2 steps 4-8, 2.3).
+    """Inverse transform sampling on a fixed grid (docs/methods/ats.md#sampling, docs/methods/ats.md#budgeted-form).
 
     scores: (B, P) normalised patch scores (P = L - 1 patch slots); valid: (B, L) real-token mask
     or None when no slot is padding; n_in: (B,) real tokens per sample, CLS included. Vectorised
@@ -351,7 +351,7 @@ _COEFFS: dict[Any, tuple[float, ...]] = {}
 
 
 def _gmacs(shape, t_in: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
-    """Per-sample GMACs, METHODS.md test 18: embed + sum_l block(n_in_l, n_out_l) + final(n_last).
+    """Per-sample GMACs, docs/methods/ats.md#check-ats-7-block-macs: embed + sum_l block(n_in_l, n_out_l) + final(n_last).
 
     ``ViTShape.block(n_in, n_out)`` is a polynomial a*n_in + b*n_in^2 + c*n_in*n_out + d*n_out; its
     coefficients are read off the public closed form once, so a forward pays a handful of tensor
@@ -388,7 +388,7 @@ def _check_backbone(vit) -> None:
 
 
 class ATSViT(TracedViT):
-    """A timm VisionTransformer whose blocks ``ats_config.blocks`` sample tokens (METHODS.md 2)."""
+    """A timm VisionTransformer whose blocks ``ats_config.blocks`` sample tokens (docs/methods/ats.md#overview)."""
 
     bench_method = "ats"
     ats_config: ATSConfig
@@ -396,7 +396,7 @@ class ATSViT(TracedViT):
     @property
     def budgeted_form(self) -> bool:
         """True when the budget can run the paper's budgeted form (K - 1 point grid), which the
-        released code cannot (METHODS.md 2.3); each forward flags it per sample in the trace."""
+        released code cannot (docs/methods/ats.md#budgeted-form); each forward flags it per sample in the trace."""
         return self.ats_config.budgeted_form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -662,7 +662,7 @@ SPEC = register(
                 bool,
                 False,
                 "reproduce the released padding quirk: padded slots enter the next stage's CDF with score 0, "
-                "so batched results depend on batch mates (METHODS.md test 16); default excludes padding",
+                "so batched results depend on batch mates (docs/methods/ats.md#check-ats-4-batch-invariance); default excludes padding",
             ),
         ),
         modes=("compact", "reference"),

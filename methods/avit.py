@@ -1,22 +1,22 @@
 """A-ViT (Yin et al., CVPR 2022, arXiv 2112.07658; titled "AdaViT" on arXiv): per-token halting.
 
-METHODS.md section 1 describes what the official code (NVlabs/A-ViT @ 120c9cb) does; this module
+docs/methods/avit.md#overview describes what the official code (NVlabs/A-ViT @ 120c9cb) does; this module
 reimplements it on a stock timm VisionTransformer without adding parameters, so a timm state dict
 (DeiT, or the embedded-default digits backbone) loads unchanged.
 
-Halting (METHODS.md 1.2): after block l the score of token k is h = sigmoid(gamma * x0 - beta),
+Halting (docs/methods/avit.md#halting): after block l the score of token k is h = sigmoid(gamma * x0 - beta),
 x0 = channel 0 of the token's block output (residual stream, before any norm); h is forced to 1 at
 the last block. Cumulative scores c; a token halts at the first block where c > 1 - eps and then
 contributes its remainder R = 1 - (scores before) to a halting-weighted output
 o = sum_l h_l x_l + R x_N. Every token, CLS included, can halt. Prediction = head(norm(o_CLS)).
 
-Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
+Two execution modes (docs/design.md#two-execution-modes, docs/design.md#two-execution-modes):
 
 * ``reference``: the official masked execution. Halted tokens stay in the tensor and are zeroed,
   their LayerNorm outputs (hence MLP inputs) are zeroed and every halted *key* gets a -1000 logit
   bias. Costs at least the dense model's time; reproduces the official "garbage" outputs of halted
   rows, which the official prior (``official_prior_quirk``) reads, so training with it runs here.
-* ``compact``: "token zipping" (announced in the README, never released, METHODS.md 1.5). Halted
+* ``compact``: "token zipping" (announced in the README, never released, docs/methods/avit.md#compact-token-zipping). Halted
   tokens are physically removed. Active tokens of the batch are kept *packed* (one row per active
   token, samples one after another), so LayerNorms, qkv, proj and the MLP run only on active rows;
   only the attention product needs a per-sample layout, for which the packed rows are scattered
@@ -27,17 +27,17 @@ Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
   the trace is the share of the executed block MACs no sample needed (padded attention pairs, and
   halted rows that deferred compaction kept computing).
 
-Both modes give the same logits and the same per-token halting depths (METHODS.md test 7), and
+Both modes give the same logits and the same per-token halting depths (docs/methods/avit.md#check-avit-5-masked-equals-removed), and
 the same training gradients (halted rows get no gradient in either), so training with the
 corrected prior runs the cheaper compact execution. The per-sample MACs come from the depths by
-the closed form of METHODS.md 1.5 (block l costs block(N_l), N_l = tokens still active; the final
+the closed form of docs/methods/avit.md#compute (block l costs block(N_l), N_l = tokens still active; the final
 norm and head see the CLS token only) in both modes; only ``compact`` saves time. The gate itself
 (one multiply-add and a sigmoid per token and block) is not counted, as fvcore would not.
 
-Training (METHODS.md 1.3, 1.4, section 4): task loss + ponder loss (mean over batch and tokens of
+Training (docs/methods/avit.md#training-objective, docs/methods/avit.md#released-settings, docs/methods/avit.md#laplace-prior-student-repository): task loss + ponder loss (mean over batch and tokens of
 N + R; gradient only through R) + a KL prior on the per-layer halting-score distribution, with
 the official Gaussian target (rescaled as in the official ``get_distribution_target``) or the
-student repo's variance-matched Laplace log-density (METHODS.md section 4, test 24).
+student repo's variance-matched Laplace log-density (docs/methods/avit.md#laplace-prior-student-repository, docs/methods/avit.md#check-avit-8-laplace-prior).
 
 Defaults for the 6-block embedded default (the official values are for 12-block DeiT):
 * the prior's target is the official "index 8 of 12" scaled to the depth: ``target_depth``
@@ -63,12 +63,12 @@ from .execution import block_on_rows, check_timm_blocks, masked_block
 from .training import Recipe, fit, timed, validate
 from .registry import Knob, MethodSpec, register
 
-EPS = 0.01  # METHODS.md 1.2: hard-coded in the official code
+EPS = 0.01  # docs/methods/avit.md#halting: hard-coded in the official code
 DEFER_SHARE = 1 / 16  # compact: halted rows kept in place (masked) while at most this share of the batch's rows
-KEY_MASK_BIAS = -1000.0  # METHODS.md 1.2 step 2: logit bias of halted keys in the official code
+KEY_MASK_BIAS = -1000.0  # docs/methods/avit.md#masked-block: logit bias of halted keys in the official code
 OFFICIAL_DEPTH = 12
-OFFICIAL_TARGET_INDEX = 8  # 0-based layer index of the official Gaussian target (METHODS.md 1.3)
-OFFICIAL_Q_CLAMP = (0.01, 0.99)  # METHODS.md 1.3
+OFFICIAL_TARGET_INDEX = 8  # 0-based layer index of the official Gaussian target (docs/methods/avit.md#distributional-prior)
+OFFICIAL_Q_CLAMP = (0.01, 0.99)  # docs/methods/avit.md#distributional-prior
 
 # Gate defaults for the embedded-default digits backbone (6 blocks, width 96). Channel 0 of its
 # residual stream reaches about 7 on inked patches (99th percentile 7.4 after block 1), and a gate
@@ -88,7 +88,7 @@ def default_target_depth(depth: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Halting bookkeeping (METHODS.md 1.2 steps 5-8), shared by both execution modes.
+# Halting bookkeeping (docs/methods/avit.md#halting-bookkeeping), shared by both execution modes.
 
 
 def halting_weights(
@@ -101,7 +101,7 @@ def halting_weights(
     block), ``reached`` (halts here and adds its remainder), ``reached_rem`` (that remainder, 0
     elsewhere) and the block's output weight (h while going on, the remainder where it halts). A
     token whose cumulative score equals 1 - eps exactly is neither going on nor reached: the
-    official code drops it without adding its remainder (METHODS.md 1.2, edge case), and so does
+    official code drops it without adding its remainder (docs/methods/avit.md#threshold-edge-case), and so does
     this function. What a token that goes on has left is ``rem - h``.
     """
     threshold = 1.0 - eps
@@ -137,7 +137,7 @@ def halting_scores(x: torch.Tensor, gate_scale: float, gate_center: float) -> to
 
 
 # --------------------------------------------------------------------------------------------
-# Priors and losses (METHODS.md 1.3 and section 4).
+# Priors and losses (docs/methods/avit.md#training-objective, docs/methods/avit.md#laplace-prior-student-repository).
 
 
 def prior_target(depth: int, target_depth: float, prior: str = "gaussian", std: float = 1.0) -> torch.Tensor:
@@ -147,9 +147,9 @@ def prior_target(depth: int, target_depth: float, prior: str = "gaussian", std: 
     index ``target_depth - 1`` (0-based) and ``std`` at indices 0..depth-1, rescaled so that the
     entries *before* the mean index sum to 0.98. For depth 12 and target 9 this is the official
     vector [0, 0, 0, 0, 0.0004, 0.0145, 0.1761, 0.789, 1.3009, 0.789, 0.1761, 0.0145], total 3.26
-    (not a distribution, METHODS.md 1.3).
+    (not a distribution, docs/methods/avit.md#distributional-prior).
 
-    ``laplace`` (student repo, METHODS.md section 4): the un-normalised density of
+    ``laplace`` (student repo, docs/methods/avit.md#laplace-prior-student-repository): the un-normalised density of
     Laplace(mu = target_depth, b = std / sqrt(2)) (variance-matched to the normal) at depths
     1..depth, i.e. log p(d) = -log(2b) - |d - mu| / b.
     """
@@ -171,7 +171,7 @@ def prior_target(depth: int, target_depth: float, prior: str = "gaussian", std: 
 def halting_distribution(
     scores: torch.Tensor, active: torch.Tensor, num_prefix_tokens: int = 1, official_quirk: bool = False
 ) -> torch.Tensor:
-    """Per-layer mean halting score q (L,), before normalisation (METHODS.md 1.3, issue #4).
+    """Per-layer mean halting score q (L,), before normalisation (docs/methods/avit.md#official-prior-quirk, issue #4).
 
     ``scores``: (L, B, N) raw (un-forced) halting scores; ``active``: (L, B, N) bool, whether the
     token was active in that block.
@@ -192,7 +192,7 @@ def halting_distribution(
 
 def prior_loss(q: torch.Tensor, target: torch.Tensor, clamp: tuple[float, float] = OFFICIAL_Q_CLAMP) -> torch.Tensor:
     """KL(target || q) as PyTorch's kl_div with 'batchmean' on a length-L vector computes it:
-    (1/L) * sum_l p_l (log p_l - log q_l), with q normalised to sum 1 and clamped (METHODS.md 1.3)."""
+    (1/L) * sum_l p_l (log p_l - log q_l), with q normalised to sum 1 and clamped (docs/methods/avit.md#distributional-prior)."""
     q = q / q.sum()
     q = q.clamp(*clamp)
     p = target.to(device=q.device, dtype=q.dtype)
@@ -200,7 +200,7 @@ def prior_loss(q: torch.Tensor, target: torch.Tensor, clamp: tuple[float, float]
 
 
 def ponder_loss(ponder: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and tokens of rho = N + R (METHODS.md 1.3); only R carries gradient."""
+    """Mean over batch and tokens of rho = N + R (docs/methods/avit.md#ponder-loss); only R carries gradient."""
     return ponder.mean()
 
 
@@ -213,7 +213,7 @@ class AViT(TracedViT):
 
     After a forward in training mode, ``self._avit_aux`` holds what the losses need, with
     gradients: ``ponder_mean`` (mean over batch and tokens of rho = N + R, gradient through R) and
-    ``halting_mass`` (L,), the per-layer mean halting score q of METHODS.md 1.3 (official or
+    ``halting_mass`` (L,), the per-layer mean halting score q of docs/methods/avit.md#distributional-prior (official or
     corrected per ``official_prior_quirk``; the official one needs the reference execution).
     Reference mode also keeps ``ponder`` (B, N), ``scores`` (L, B, N) and ``active`` (L, B, N).
     """
@@ -260,13 +260,13 @@ class AViT(TracedViT):
         scores, actives = [], []
         for l, blk in enumerate(self.blocks):
             keep = active.to(dtype).unsqueeze(-1)
-            x = x * keep  # step 1 (the official code writes .data; here the graph sees the zeros)
+            x = x * keep  # docs/methods/avit.md#masked-block (the official code writes .data; here the graph sees the zeros)
             bias = torch.where(active, 0.0, KEY_MASK_BIAS).to(dtype).view(B, 1, 1, N)
             x = masked_block(blk, x, keep, Layout(B, N, None, bias))
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if l == depth - 1 else h_raw
-            # Step 4 (block output times the active mask) is left out: halting_update gives halted
-            # rows weight 0, and the next block's step 1 zeroes them (the active set only shrinks).
+            # docs/methods/avit.md#masked-block (block output times the active mask) is left out: halting_update gives halted
+            # rows weight 0, and the next block's docs/methods/avit.md#masked-block zeroes them (the active set only shrinks).
             if want_aux:
                 scores.append(h_raw.view(B, N))
                 actives.append(active.view(B, N))
@@ -467,9 +467,9 @@ class AViT(TracedViT):
 
 
 # --------------------------------------------------------------------------------------------
-# Training (METHODS.md 1.3 / 1.4, scaled to the embedded default)
+# Training (docs/methods/avit.md#training-objective, docs/methods/avit.md#defaults-on-the-embedded-default, scaled to the embedded default)
 
-# METHODS.md 1.4 scaled to a one-epoch fine-tune of the embedded default (about 310 steps instead
+# docs/methods/avit.md#released-settings scaled to a one-epoch fine-tune of the embedded default (about 310 steps instead
 # of 100 epochs): the official weights (ponder 5e-4, prior 1e-3) barely move the halting in that
 # time, so both are 40x larger with about the official prior/ponder ratio (1.5 here, 2 there).
 # Stronger ponder weights (>= 0.05) or a gate that starts partly open halted every token, CLS
