@@ -335,7 +335,7 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from methods.backbones import CheckpointError
+    from methods.convert import CheckpointError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
     # Ctrl-C must stop a run cleanly even when started from a shell that ignores SIGINT for

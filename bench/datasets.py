@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -11,28 +10,8 @@ from torch import nn
 from .config import RunConfig
 from .data import digits, moving_digits
 from .errors import UsageError
+from .evalset import EvalSet
 from .loading import ShardBatches, decoded_batches, shard_starts
-
-
-class EvalSet:
-    """The test list of a run. ``batches`` streams it in order; ``timing_inputs`` returns a seeded
-    selection of real images already in memory, the same for every method (equal issue)."""
-
-    name: str = ""
-    num_classes: int = 0
-    info: dict
-    views: int | None = None  # video sets: views per video (batches hold B * views clips); None for images
-
-    @property
-    def n(self) -> int:
-        raise NotImplementedError
-
-    def batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in order; ``shard=(rank, world)``: only that rank's whole batches (bench/parallel.py)."""
-        raise NotImplementedError
-
-    def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class TensorEvalSet(EvalSet):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import methods
-from methods.backbones import CheckpointError, load_checkpoint
+from methods.convert import CheckpointError, load_checkpoint
 from methods.convert import implied_budgets, load_strict
 
 from . import budgets as budgets_mod

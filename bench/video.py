@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import kinetics
-from .datasets import EvalSet
+from .evalset import EvalSet
 from .errors import UsageError
 from .loading import ShardBatches, decoded_batches
 

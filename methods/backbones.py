@@ -8,7 +8,6 @@ task in a few epochs while the stem reaches about 96%.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torch
 from timm.layers import PatchEmbed
@@ -78,23 +77,3 @@ def digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
         kwargs.pop(key, None)
     return create_digits_vit(**kwargs)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` file without running pickled code (methods/convert.py)."""
-    from .convert import read_state_dict as read
-
-    return read(path)
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load strictly; a mismatch lists the missing and unexpected keys (docs/methods/README.md#weights-and-checkpoints)."""
-    from .convert import load_strict
-
-    state = read_state_dict(path)
-    convert = getattr(model, "checkpoint_filter", None)  # e.g. VideoMAE keys -> timm keys (methods/video.py)
-    return load_strict(model, convert(state) if convert else state, str(path))

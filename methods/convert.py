@@ -30,7 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import CheckpointError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 ADAVIT_GATE_PREFIX = "adavit_gates."  # methods/adavit.py GATE_PREFIX (read, not imported: no cycle)
 _ADAVIT_QKV = re.compile(r"^blocks\.(\d+)\.attn\.(query|key|value)\.(weight|bias)$")
@@ -182,3 +185,10 @@ def load_backbone(vit: nn.Module, path: str | Path) -> Converted:
         conv.backbone = video(conv.backbone)
     load_strict(vit, conv.backbone, str(path))
     return conv
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load strictly; a mismatch lists the missing and unexpected keys (docs/methods/README.md#weights-and-checkpoints)."""
+    state = read_state_dict(path)
+    convert = getattr(model, "checkpoint_filter", None)  # e.g. VideoMAE keys -> timm keys (methods/video.py)
+    return load_strict(model, convert(state) if convert else state, str(path))

@@ -40,7 +40,7 @@ def shipped_backbone(cfg, ship_cmd: str):
     """The shipped backbone checkpoint of a profile's config and the backbone loaded from it (eval);
     fails (not skips) when it is missing, naming the command that ships it."""
     from bench import cache, runner
-    from methods.backbones import load_checkpoint
+    from methods.convert import load_checkpoint
 
     key = cache.config_key(runner.backbone_key(cfg))
     path = cache.ASSETS / f"{cfg.backbone}-{key}.safetensors"

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import methods
 from conftest import ROOT, run_main
-from methods.backbones import CheckpointError
+from methods.convert import CheckpointError
 from methods.convert import avit_gate_from_name, convert, implied_budgets, load_backbone, load_strict, read_state_dict
 
 

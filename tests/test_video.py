@@ -16,7 +16,7 @@ from bench.train import accuracy
 from conftest import ROOT, shipped_backbone
 
 SHIPPED_MIN_TOP1 = 0.90  # measured 94.0% on the 1000 test clips (run 20261121-104949-video)
-from methods.backbones import load_checkpoint
+from methods.convert import load_checkpoint
 from methods.macs import _first_conv_in_channels
 from methods.video import TubeletEmbed, VideoVisionTransformer, sinusoid_table
 

@@ -138,7 +138,7 @@ def main() -> None:
 
         vit = create_digits_vit().eval()
         if args.digits_checkpoint:
-            from methods.backbones import read_state_dict
+            from methods.convert import read_state_dict
 
             vit.load_state_dict(read_state_dict(args.digits_checkpoint))
         x, _ = digits.make_split(digits.DigitsConfig(), "test", n=256)

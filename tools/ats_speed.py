@@ -47,7 +47,9 @@ def digits_backbone(checkpoint: str | None) -> tuple[torch.nn.Module, str]:
         )
         checkpoint = str(found[-1]) if found else None
     if checkpoint:
-        methods.backbones.load_checkpoint(vit, checkpoint)
+        from methods.convert import load_checkpoint
+
+        load_checkpoint(vit, checkpoint)
     return vit.eval(), checkpoint or "random weights"
 
 
