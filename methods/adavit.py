@@ -1,55 +1,18 @@
 """AdaViT (Meng et al., CVPR 2022, arXiv 2111.15668): learned patch, head and block policies.
 
-Method id ``adavit`` (docs/design.md#method-ids; not to be confused with A-ViT, docs/design.md#method-ids).
-Everything below follows docs/methods/adavit.md#overview (the official code MengLcool/AdaViT @ 9857f92).
+Method id ``adavit`` (not A-ViT: docs/design.md#method-ids); the official code is MengLcool/AdaViT
+@ 9857f92. Each block gets a small decision network, stored beside the timm weights as
+``adavit_gates.{block}.{patch,head,block}``: a head gate and an MSA / FFN gate on the CLS vector
+(blocks 1..), a patch gate on LN1's output per patch token; Gumbel-sigmoid with straight-through
+thresholds in training, plain thresholds at evaluation (docs/methods/adavit.md#decision-network).
+Gates start at zero weights and bias +3, so a fresh model keeps everything and equals the dense
+backbone, and a plain timm state dict loads with only the gate keys missing.
 
-Decision network (docs/methods/adavit.md#decision-network), one small set of gates per block, stored beside the timm weights as
-``adavit_gates.{block}.{patch,head,block}.{weight,bias}``:
-  - ``head``  Linear(C -> H) on the CLS vector of the block input (no LayerNorm), blocks 1.. only;
-  - ``block`` Linear(C -> 2) on the same vector (entry 0 gates the MSA, entry 1 the FFN), blocks 1..;
-  - ``patch`` Linear(C -> 1) per patch token on LN1(x), the attention input, every block; prefix
-    (CLS) tokens are always kept.
-Training binarises with a Gumbel-sigmoid (logit plus the difference of two Gumbel(0, 1) draws, over
-tau = 5, then a sigmoid) and straight-through hard thresholds; evaluation uses the plain sigmoid and
-the thresholds 0.5 (heads, blocks) and 0.6 (patches). The official code applies the same thresholds
-to the noisy training sigmoid, so with tau = 5 a patch is kept in training iff logit + noise > 2.03
-but at evaluation iff logit > 0.41; we keep that, it is the official behaviour.
-
-Gates are initialised with zero weights and bias +3, so a freshly built model keeps every patch,
-head and sub-layer at evaluation and equals the dense backbone. A plain timm state dict therefore
-serves as is: build from the loaded timm model (the usual route), or load it with
-``strict=False`` and check that only ``adavit_gates.*`` keys are missing
-(:func:`load_backbone_state_dict` does exactly that).
-
-Two execution modes (docs/design.md#two-execution-modes):
-  - ``reference``: the official masking semantics (docs/methods/adavit.md#official-masking-semantics): dropped pairs (i, j) get -inf
-    attention logits except the diagonal, MSA and FFN outputs of dropped tokens are multiplied by 0,
-    sub-layer outputs by their gate; head dropping either zeroes the q/k/v channels of the dropped
-    heads and the same channel indices at the FFN input (``head_variant="zero_channels"``, the
-    default and the README's evaluation) or replaces the head's attention map by the identity
-    (``"identity_attn"``, ``--ada-head-attn``, the paper's Eq. 8). Everything is computed densely.
-  - ``compact`` (default): the same predictions with the work removed. A block whose two sub-layers
-    are both off is skipped (not even LN1 or the patch gate run); dropped patches are taken out of
-    the block's computation and carried through unchanged; dropped heads are sliced out of the qkv
-    rows and the proj / fc1 input columns (one weight slice per block and batch, never per-sample
-    weight copies). Batches: the kept tokens of all samples are packed into one (S, C) matrix with
-    no padding, and every token-wise layer (qkv, proj, LN2, FFN) runs on the rows of the samples
-    whose sub-layer is on; only the attention matmuls pad each sample to the batch's largest
-    kept-token count, with a key-padding mask (``methods.attention.packed_layout``: two length
-    groups when the counts are very uneven, one block-diagonal product for few rows on CPU). Heads are sliced to the union of the heads the
-    samples keep, and a per-row 0/1 head mask zeroes the rest where samples disagree. The share of
-    executed MSA / FFN MACs spent on such padding (or on other samples' keys) is ``trace.padding_waste`` (0 at batch 1, where
-    everything is sliced exactly).
-Training always runs the ``reference`` path (the masks carry the straight-through gradients).
-
-Trace (``methods.trace(model)``): ``tokens`` (B, depth) tokens each block computed on (CLS plus
-kept patches; 0 where both sub-layers were skipped), ``heads`` (B, depth) kept heads, ``sublayers``
-(B, depth, 2) executed MSA / FFN, ``patch_keep`` (B, depth, N) the kept-token masks, ``gmacs`` by the
-closed form of docs/methods/adavit.md#the-shipped-lookup-table (:func:`official_block_macs`: LayerNorms on all N tokens, head dropping
-shrinks qkv, proj and the FFN input) plus patch embedding, final norm and head plus the decision
-network's own MACs, which are also reported alone as ``policy_gmacs``; ``gmacs_executed`` is what
-``compact`` physically computes per sample (proj has C outputs, LN2 runs on kept tokens only, LN1
-on all N tokens because the patch gate needs it), for comparison with the official counting.
+``reference`` reproduces the official masking (docs/methods/adavit.md#official-masking-semantics;
+dropped heads as zeroed channels, the default, or the paper's identity attention); ``compact``
+removes the work: skipped blocks, kept tokens packed, dropped heads sliced out of the weights
+(docs/methods/adavit.md#compact). Training runs ``reference``. The trace and the MAC closed form
+(the shipped lookup table's, plus the decision network): docs/methods/adavit.md#trace-fields.
 """
 from __future__ import annotations
 

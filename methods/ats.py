@@ -1,67 +1,22 @@
 """ATS, the Adaptive Token Sampler (Fayyaz et al., ECCV 2022, arXiv 2111.15667) as method ``ats``.
 
-Training-free and parameter-free: an ATS block replaces the attention of a timm ``Block``, scores
-the patch tokens by the CLS attention they receive times the norm of their value vector, samples a
-subset by inverse transform sampling on a fixed grid, and outputs only the kept tokens
-(docs/methods/ats.md#overview). The model stays a timm VisionTransformer with its own weights.
+Training-free and parameter-free: in each ATS block the patch tokens are scored by the CLS
+attention they receive times the norm of their value vector, a subset is drawn by inverse
+transform sampling on a fixed grid, and only the kept tokens leave the block. The official code's
+behaviours we reproduce (policy-aware softmax, the released grid, attention over all keys, the
+padding quirk behind ``official_padding``) and the budgeted form we add are in
+docs/methods/ats.md#algorithm; the per-sample compute (qkv on the tokens read, proj and MLP on the
+tokens kept) in docs/methods/ats.md#compute.
 
-What follows the official code (docs/methods/ats.md#algorithm) and what is ours
-------------------------------------------------------------------
-* Scores (docs/methods/ats.md#scores): ``s_j = (sum over heads of A[CLS -> j]) * ||v_j||``, v over all heads
-  concatenated, CLS excluded, normalised to sum 1. ``A`` comes from the policy-aware softmax
-  ``(e + eps/N) / (sum e + eps)`` with eps = 1e-6 (docs/methods/ats.md#policy-aware-softmax), in float32 as the official code does.
-* Sampling (docs/methods/ats.md#sampling): scores sorted ascending, cumulative sum min-max normalised (the lowest
-  token gets G = 0), a deterministic grid evenly spaced from y0 (the smallest positive G) to 1, the
-  token nearest to each grid point is picked (first index on ties), duplicate picks are dropped
-  (not merged), the kept tokens are CLS followed by the distinct picks in ascending score order.
-  Consequence kept on purpose: the lowest-score token is always dropped (docs/methods/ats.md#check-ats-2-all-equal-scores).
-* Grid size: the released code always uses ``n_ref - 1`` points (``n_ref`` = the backbone's
-  initial token count, 197 for DeiT-S), which only works when K is at least the current token
-  count N; with K < N it crashes (docs/methods/ats.md#budgeted-form). Here K >= N gives the released behaviour
-  (``n_ref - 1`` points) and K < N uses a grid of K - 1 points: the paper's budgeted form, which
-  the released code never ran. Each forward flags it per sample in ``trace.budgeted_form`` and the
-  model says whether its budget can reach it (``model.budgeted_form``). A one-point grid (K = 2)
-  is placed at 1, i.e. keeps the top-score token.
-* Attention (docs/methods/ats.md#attention-over-all-keys): the attention of the kept query rows is taken over *all* N keys and values
-  of the block input; residual, LN2 and MLP then run on the kept rows only.
-* Padding (docs/methods/ats.md#padding-and-batch-dependence): batches are compacted to 1 + max_b K'_b rows, shorter samples padded. The
-  released code lets the padded rows enter the next ATS block's sorted CDF with score 0, which
-  shifts y0 so a padded sample keeps a token it would drop alone (docs/methods/ats.md#check-ats-4-batch-invariance: not batch-invariant).
-  Its softmax also subtracts the row max over the padded slots (logit 0), so a sample whose real
-  logits all lie far below 0 gets its attention distorted by the eps term. Default here
-  (``official_padding=False``): padding is left out of the CDF, the row max and the eps/N term
-  (the sample's own N), so a sample's kept set and output do not depend on its batch mates.
-  ``official_padding=True`` reproduces both released behaviours (CDF over padded slots, row max
-  over all slots, eps/N with the padded length).
-
-Two execution modes (docs/design.md#two-execution-modes), same kept sets and predictions:
-* ``compact`` (default): what is dropped is not computed. Blocks before the first ATS stage are
-  timm's own. In an ATS block only the CLS row of the attention is computed explicitly (fused SDPA
-  cannot return attention probabilities), with the same policy-aware softmax as ``reference``;
-  the kept query rows then go through fused SDPA over all keys, so the q.k^T rows of dropped
-  queries are never computed. At batch 1, or while every sample keeps the same count, nothing is
-  padded and no mask is used. Once samples keep different counts the residual stream is *packed*:
-  LN, qkv, proj and MLP run on the real rows only, and each attention scatters them into the
-  padded (B, 1 + max K') layout with a key-padding mask, so padding costs attention work only
-  (``official_padding`` uses the explicit policy-aware softmax there, to keep its quirk).
-* ``reference``: the official semantics written out: full explicit attention matrix with the
-  policy-aware softmax, q/k/v rows multiplied by the policy, padding rows zeroed after each
-  residual, later blocks masked by the policy softmax, every layer dense over the padded length.
-
-Compute (docs/methods/ats.md#check-ats-7-block-macs): per sample, an ATS block with N_in tokens keeping K'+1 counts qkv and
-LN1 on N_in, q.k^T on N_in^2, attn.v on (K'+1)*N_in, proj/LN2/MLP on K'+1 (``ViTShape.block``).
-``trace.gmacs`` follows that count in both modes (``compact`` actually skips the q.k^T rows of
-dropped queries, a saving the count does not claim). Padding is never counted as compute; the
-share of padded slots in the padded (B, L) layouts is ``trace.padding_waste`` (in ``compact`` only
-the attention products run on that layout), and which tokens each stage kept is ``trace.kept_index``
-(original token indices, for plots and checks). The scoring and sampling themselves (a few
-element-wise ops, a sort over N) are not multiply-accumulates and are not counted, as in fvcore.
+``reference`` writes the official masked semantics out; ``compact`` computes only the kept query
+rows and, once samples keep different counts, runs the token-wise layers on packed real rows
+(methods/execution.py). Both give the same kept sets and predictions.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -70,6 +25,8 @@ import torch.nn.functional as F
 from .attention import Layout, sdpa
 from .base import TracedViT, adapt
 from .execution import attention_tail, block_on_rows, flat_rows, padded_layout, take_rows, unpack
+from .knobs import int_list, knob_error
+from .macs import sampled_gmacs
 from .registry import Knob, MethodSpec, register
 
 EPS = 1e-6  # the policy-aware softmax's eps (docs/methods/ats.md#policy-aware-softmax)
@@ -96,47 +53,8 @@ class ATSConfig:
         return any(k < self.n_ref for k in self.tokens)
 
 
-def _knob_error(name: str, allowed: str, value: Any) -> ValueError:
-    return ValueError(f"ats knob {name!r} must be {allowed}; got {value!r}")
-
-
-def _int_list(name: str, value: Any, allowed: str) -> list[int]:
-    """An int, an integer-valued float, a list of those, or a string '3-11' / '3,4,5' / '3/4/5'."""
-    items: list[Any]
-    if isinstance(value, str):
-        text = value.strip()
-        m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", text)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise _knob_error(name, allowed, value)
-            return list(range(lo, hi + 1))
-        items = [p for p in re.split(r"[,/\s]+", text) if p]
-        if not items:
-            raise _knob_error(name, allowed, value)
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-        if not items:
-            raise _knob_error(name, allowed, value)
-    else:
-        items = [value]
-    out = []
-    for item in items:
-        if isinstance(item, bool):
-            raise _knob_error(name, allowed, value)
-        if isinstance(item, str):
-            try:
-                item = float(item) if not re.fullmatch(r"-?\d+", item.strip()) else int(item)
-            except ValueError:
-                raise _knob_error(name, allowed, value) from None
-        if isinstance(item, float):
-            if not item.is_integer():
-                raise _knob_error(name, allowed, value)
-            item = int(item)
-        if not isinstance(item, int):
-            raise _knob_error(name, allowed, value)
-        out.append(item)
-    return out
+_knob_error = partial(knob_error, "ats")
+_int_list = partial(int_list, "ats")
 
 
 def resolve_config(
@@ -347,30 +265,6 @@ def _take_index(origin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return origin.gather(1, rows)
 
 
-_COEFFS: dict[Any, tuple[float, ...]] = {}
-
-
-def _gmacs(shape, t_in: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
-    """Per-sample GMACs, docs/methods/ats.md#check-ats-7-block-macs: embed + sum_l block(n_in_l, n_out_l) + final(n_last).
-
-    ``ViTShape.block(n_in, n_out)`` is a polynomial a*n_in + b*n_in^2 + c*n_in*n_out + d*n_out; its
-    coefficients are read off the public closed form once, so a forward pays a handful of tensor
-    ops instead of the full expression (the tests check both agree).
-    """
-    if shape not in _COEFFS:
-        f = shape.block
-        ab = f(1, 0)
-        bq = (f(2, 0) - 2 * ab) / 2
-        cq = (f(2, 1) - f(2, 0)) - (f(1, 1) - f(1, 0))
-        dq = (f(1, 1) - f(1, 0)) - cq
-        fin = shape.final(1) - shape.final(0)
-        _COEFFS[shape] = (float(ab - bq), float(bq), float(cq), float(dq), float(fin), float(shape.embed_macs + shape.final(0)))
-    a, bq, cq, dq, fin, const = _COEFFS[shape]
-    n_in, n_out = t_in.double(), t_out.double()
-    macs = (n_in * (a + bq * n_in + cq * n_out) + dq * n_out).sum(dim=1) + fin * n_out[:, -1] + const
-    return macs / 1e9
-
-
 def _check_backbone(vit) -> None:
     if getattr(vit, "cls_token", None) is None or vit.num_prefix_tokens != 1:
         raise ValueError(
@@ -445,7 +339,7 @@ class ATSViT(TracedViT):
         t_out = torch.stack(tokens_out, dim=1)
         self.record(
             t_in,
-            gmacs=_gmacs(self.bench_shape, t_in, t_out),
+            gmacs=sampled_gmacs(self.bench_shape, t_in, t_out),
             tokens_kept=t_out,
             kept_index=tuple(kept_index),
             budgeted_form=budgeted,

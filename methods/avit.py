@@ -1,51 +1,19 @@
 """A-ViT (Yin et al., CVPR 2022, arXiv 2112.07658; titled "AdaViT" on arXiv): per-token halting.
 
-docs/methods/avit.md#overview describes what the official code (NVlabs/A-ViT @ 120c9cb) does; this module
-reimplements it on a stock timm VisionTransformer without adding parameters, so a timm state dict
-(DeiT, or the embedded-default digits backbone) loads unchanged.
+After block l each token's halting score is h = sigmoid(gamma * x0 - beta) from channel 0 of its
+block output (h = 1 at the last block); a token halts once its cumulative score passes 1 - eps and
+adds its remainder to a halting-weighted output, whose CLS row is classified. No parameters are
+added, so a timm state dict loads unchanged. What the official code (NVlabs/A-ViT @ 120c9cb) does
+and which of its behaviours we reproduce: docs/methods/avit.md#halting.
 
-Halting (docs/methods/avit.md#halting): after block l the score of token k is h = sigmoid(gamma * x0 - beta),
-x0 = channel 0 of the token's block output (residual stream, before any norm); h is forced to 1 at
-the last block. Cumulative scores c; a token halts at the first block where c > 1 - eps and then
-contributes its remainder R = 1 - (scores before) to a halting-weighted output
-o = sum_l h_l x_l + R x_N. Every token, CLS included, can halt. Prediction = head(norm(o_CLS)).
-
-Two execution modes (docs/design.md#two-execution-modes, docs/design.md#two-execution-modes):
-
-* ``reference``: the official masked execution. Halted tokens stay in the tensor and are zeroed,
-  their LayerNorm outputs (hence MLP inputs) are zeroed and every halted *key* gets a -1000 logit
-  bias. Costs at least the dense model's time; reproduces the official "garbage" outputs of halted
-  rows, which the official prior (``official_prior_quirk``) reads, so training with it runs here.
-* ``compact``: "token zipping" (announced in the README, never released, docs/methods/avit.md#compact-token-zipping). Halted
-  tokens are physically removed. Active tokens of the batch are kept *packed* (one row per active
-  token, samples one after another), so LayerNorms, qkv, proj and the MLP run only on active rows;
-  only the attention product needs a per-sample layout, for which the packed rows are scattered
-  into a (B, longest, .) buffer with a key-padding mask (``methods.attention.packed_layout``: on
-  CPU up to ``DIAGONAL_MAX_ROWS`` rows in all run one block-diagonal product instead, and very
-  uneven counts two length groups). At batch 1, or whenever every sample has the same number of
-  active tokens, the buffer is a view and there is no mask and no padding. ``padding_waste`` in
-  the trace is the share of the executed block MACs no sample needed (padded attention pairs, and
-  halted rows that deferred compaction kept computing).
-
-Both modes give the same logits and the same per-token halting depths (docs/methods/avit.md#check-avit-5-masked-equals-removed), and
-the same training gradients (halted rows get no gradient in either), so training with the
-corrected prior runs the cheaper compact execution. The per-sample MACs come from the depths by
-the closed form of docs/methods/avit.md#compute (block l costs block(N_l), N_l = tokens still active; the final
-norm and head see the CLS token only) in both modes; only ``compact`` saves time. The gate itself
-(one multiply-add and a sigmoid per token and block) is not counted, as fvcore would not.
-
-Training (docs/methods/avit.md#training-objective, docs/methods/avit.md#released-settings, docs/methods/avit.md#laplace-prior-student-repository): task loss + ponder loss (mean over batch and tokens of
-N + R; gradient only through R) + a KL prior on the per-layer halting-score distribution, with
-the official Gaussian target (rescaled as in the official ``get_distribution_target``) or the
-student repo's variance-matched Laplace log-density (docs/methods/avit.md#laplace-prior-student-repository, docs/methods/avit.md#check-avit-8-laplace-prior).
-
-Defaults for the 6-block embedded default (the official values are for 12-block DeiT):
-* the prior's target is the official "index 8 of 12" scaled to the depth: ``target_depth``
-  = 1 + 8 * L / 12 (1-based block), i.e. 9 for L = 12 and 5 for L = 6;
-* gate scale / centre: gamma = 2, beta = 15 while fine-tuning (``DEFAULT_GATE_SCALE``,
-  ``DEFAULT_TRAIN_GATE_CENTER``); the inference knob ``gate_center`` sweeps beta around it. For
-  DeiT checkpoints use the README's values instead (10 / 30 for A-ViT-T, 10 / 75 for A-ViT-S);
-* fine-tuning: one epoch of 10k canvases, see ``TRAIN_SETTINGS``.
+``reference`` is the official masked execution (halted tokens zeroed, -1000 on their keys; the
+official prior reads its halted rows' outputs). ``compact`` is the token zipping the paper
+announced: halted tokens leave the packed rows (methods/execution.py), with deferred compaction
+while few have halted. Both give the same logits and depths
+(docs/methods/avit.md#check-avit-5-masked-equals-removed); MACs come from the depths by the closed
+form of docs/methods/avit.md#compute; ``padding_waste`` is the share of executed block MACs no
+sample needed. Training: task + ponder + KL prior, Gaussian (official) or Laplace
+(docs/methods/avit.md#training-objective).
 """
 from __future__ import annotations
 

@@ -179,3 +179,29 @@ def _first_conv_in_channels(module: nn.Module) -> int:
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             return m.in_channels
     raise ValueError("the patch embedding has no Conv2d or Conv3d; cannot infer its input channels")
+
+
+_COEFFS: dict[ViTShape, tuple[float, ...]] = {}
+
+
+def sampled_gmacs(shape: ViTShape, t_in: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+    """Per-sample GMACs of a model whose blocks keep fewer queries than they read (ATS,
+    docs/methods/ats.md#check-ats-7-block-macs): embed + sum_l block(n_in_l, n_out_l) + final(n_last),
+    from (B, depth) tokens entering and leaving each block.
+
+    ``ViTShape.block(n_in, n_out)`` is a polynomial a*n_in + b*n_in^2 + c*n_in*n_out + d*n_out; its
+    coefficients are read off the public closed form once, so a forward pays a handful of tensor
+    ops instead of the full expression (the tests check both agree).
+    """
+    if shape not in _COEFFS:
+        f = shape.block
+        ab = f(1, 0)
+        bq = (f(2, 0) - 2 * ab) / 2
+        cq = (f(2, 1) - f(2, 0)) - (f(1, 1) - f(1, 0))
+        dq = (f(1, 1) - f(1, 0)) - cq
+        fin = shape.final(1) - shape.final(0)
+        _COEFFS[shape] = (float(ab - bq), float(bq), float(cq), float(dq), float(fin), float(shape.embed_macs + shape.final(0)))
+    a, bq, cq, dq, fin, const = _COEFFS[shape]
+    n_in, n_out = t_in.double(), t_out.double()
+    macs = (n_in * (a + bq * n_in + cq * n_out) + dq * n_out).sum(dim=1) + fin * n_out[:, -1] + const
+    return macs / 1e9
