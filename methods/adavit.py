@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Layout, packed_attention, packed_layout
+from .heads import attention_with_heads, head_union, mlp_with_heads
+from .macs import official_block_macs, official_table_entry, official_table_tokens  # noqa: F401 (public here too)
 from .base import TracedViT, adapt
 from .registry import Knob, MethodSpec, TrainData, register
 from .training import Recipe, fit, timed, validate
@@ -33,46 +34,6 @@ TAU = 5.0  # official: the tau flags are parsed but never reach the blocks (docs
 TRAIN_THRESHOLDS = {"patch": 0.6, "head": 0.5, "block": 0.5}  # the official thresholds, used in training
 GATE_INIT_BIAS = 3.0  # sigmoid(3) = 0.95 > every threshold: a fresh model keeps everything
 GATE_PREFIX = "adavit_gates."
-
-
-# ----------------------------------------------------------------------------------------------
-# closed forms (docs/methods/adavit.md#the-shipped-lookup-table)
-
-
-def official_block_macs(embed_dim: int, num_heads: int, mlp_hidden: int, num_tokens_total: int, heads, tokens, attn, mlp):
-    """One block's MACs as AdaViT's shipped lookup table counts them (docs/methods/adavit.md#the-shipped-lookup-table):
-
-        T = 5*N*C*(1 + a) + a*(3*t*C*c + 2*t^2*c + t*c^2) + m*(t*c*rC + t*rC*C),   c = C*h/H
-
-    with N the model's full token count (LayerNorms are counted on all tokens), t the kept tokens
-    including CLS, h the kept heads, a / m the MSA / FFN on-off; an entry with h = 0 is 0. Works
-    on ints or tensors (element-wise); the h = 0 rule needs tensors or ints alike.
-    """
-    c_full, rc = embed_dim, mlp_hidden
-    c = c_full * heads / num_heads
-    t = tokens
-    total = (
-        5 * num_tokens_total * c_full * (1 + attn)
-        + attn * (3 * t * c_full * c + 2 * t * t * c + t * c * c)
-        + mlp * (t * c * rc + t * rc * c_full)
-    )
-    if isinstance(total, torch.Tensor):
-        return torch.where(torch.as_tensor(heads) == 0, torch.zeros_like(total), total)
-    return 0 if heads == 0 else total
-
-
-def official_table_tokens(t: int, num_tokens_total: int = 197) -> int:
-    """The token count the shipped table's entry t was really built with: the script keeps
-    int(float32(t / N) * N) tokens, which is t - 1 for t in {13, 26, 51, 52, 53, 102, 104, 106,
-    117, 119, 121} at N = 197 (docs/methods/adavit.md#the-shipped-lookup-table, docs/methods/adavit.md#check-adavit-4-lookup-table-closed-form)."""
-    ratio = torch.tensor(t / num_tokens_total, dtype=torch.float32)
-    return int(ratio * num_tokens_total)
-
-
-def official_table_entry(embed_dim: int, num_heads: int, mlp_hidden: int, num_tokens_total: int, heads: int, tokens: int, attn: int, mlp: int) -> float:
-    """Entry T[h, t, a, m] of the shipped ``*_flops_dict.pth`` tables in G, truncation included."""
-    t = official_table_tokens(tokens, num_tokens_total)
-    return official_block_macs(embed_dim, num_heads, mlp_hidden, num_tokens_total, heads, t, attn, mlp) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +285,7 @@ class AdaViT(TracedViT):
             rec["tokens"][ia, i] = t
         # kept tokens of every row, packed without padding (sample-major, token order kept):
         # the token-wise layers (qkv, proj, LN2, FFN) run on exactly these rows; only the
-        # attention matmuls see a padded layout (in _compact_attention)
+        # attention matmuls see a padded layout (methods/heads.py)
         flat = keep.reshape(-1).nonzero().squeeze(1)
         if flat.shape[0] == Ba * N:
             flat = None
@@ -343,17 +304,20 @@ class AdaViT(TracedViT):
             sel = None if rows is None else torch.tensor(rows, device=x.device)
             flags = None if sel is None else torch.tensor([d[part] for d in dec], dtype=torch.bool, device=x.device)
             prow = None if sel is None else flags.repeat_interleave(t).nonzero().squeeze(1)
-            union = self._head_union(None if dec is None else [dec[r][2:] for r in (rows or range(Ba))], H, x.device)
+            union = head_union(self, None if dec is None else [dec[r][2:] for r in (rows or range(Ba))], H, x.device)
             hk_p = hk if (hk is None or sel is None) else hk.index_select(0, sel)
             t_p = t if sel is None else t.index_select(0, sel)
             src = yp if part == 0 else xp  # attention reads LN1's output, the FFN the residual stream
             xin = src if prow is None else src.index_select(0, prow)
             if part == 0:
-                out = blk.ls1(self._compact_attention(blk, xin, t_p, hk_p, union, rec)).to(xp.dtype)
+                out, macs = attention_with_heads(self, blk, xin, t_p, hk_p, union, identity)
+                out = blk.ls1(out).to(xp.dtype)
             else:
                 uniform = union[2]
                 hk_rows = None if uniform or identity else hk_p.repeat_interleave(t_p, dim=0)
-                out = blk.ls2(self._compact_mlp(blk, xin, union, hk_rows, rec)).to(xp.dtype)
+                out, macs = mlp_with_heads(self, blk, xin, union, hk_rows, identity)
+                out = blk.ls2(out).to(xp.dtype)
+            rec["padded_macs"] += macs
             xp = xp + out if prow is None else xp.index_add(0, prow, out)
         # carry the dropped tokens through unchanged
         if flat is None:
@@ -361,135 +325,6 @@ class AdaViT(TracedViT):
         else:
             xa = xa.reshape(Ba * N, C).index_copy(0, flat, xp).reshape(Ba, N, C)
         return xa if ia is None else x.index_copy(0, ia, xa)
-
-    def _sliced(self, w: torch.Tensor, heads: torch.Tensor | None, key: tuple | None, part: str, make) -> torch.Tensor:
-        """``make()``: the rows / columns of the kept heads of weight ``w`` (a view of ``w`` when every
-        head is kept). Without autograd the slice is cached per (weight, version, head set ``key``):
-        weights are fixed at inference, so a repeated head set costs no copy (the slicing was about a
-        tenth of DeiT-S's compact time at batch 1). One slice per head set and weight, never per
-        sample; the cache is bounded and keyed by the weight's storage and version, so loading new
-        weights or an in-place update invalidates it."""
-        if heads is None or torch.is_grad_enabled() and w.requires_grad:
-            return make()  # no heads dropped: a view, no copy
-        cache = self.__dict__.setdefault("_adavit_slices", {})
-        full = (part, w.data_ptr(), w._version, w.dtype, w.device, key)
-        hit = cache.get(full)
-        if hit is None:
-            if len(cache) >= 1024:
-                cache.clear()
-            hit = cache[full] = make()
-        return hit
-
-    def _head_union(self, kept: list | None, H: int, device: torch.device) -> tuple[torch.Tensor | None, int, bool, tuple | None]:
-        """From the rows' head decisions (lists of H bools; None: all heads): the heads kept by any
-        row (None: all), how many, whether every row keeps exactly those, and the head set as a
-        tuple (the slice-cache key)."""
-        if kept is None:
-            return None, H, True, None
-        union = tuple(h for h in range(H) if any(r[h] for r in kept))
-        uniform = all(sum(r) == len(union) for r in kept)  # each row's heads lie inside the union
-        if len(union) == H:
-            return None, H, uniform, None
-        cache = self.__dict__.setdefault("_adavit_head_sets", {})
-        heads = cache.get((union, device))
-        if heads is None:
-            heads = cache[(union, device)] = torch.tensor(union, dtype=torch.int64, device=device)
-        return heads, len(union), uniform, union
-
-    def _compact_attention(self, blk, yp, t, hk, union, rec) -> torch.Tensor:
-        """MSA of packed token rows ``yp`` (S, C) of Bs samples with ``t`` (Bs,) rows each.
-        qkv and proj run on the S rows, sliced to the union of the heads the samples keep; the
-        attention matmuls run in ``methods.attention.packed_layout``'s layout (each sample padded
-        to the longest with a key mask unless all counts are equal, length groups when the counts
-        are very uneven, one block-diagonal product for few rows on CPU); ``union``: the
-        ``_head_union`` of the samples; ``hk`` (Bs, H) zeroes (or, identity_attn, passes V
-        through for) the heads a sample dropped where the samples disagree."""
-        attn = blk.attn
-        S, C = yp.shape
-        Bs = t.shape[0]
-        H, d = attn.num_heads, attn.head_dim
-        identity = self.bench_knobs["head_variant"] == "identity_attn"
-        heads, nu, uniform, key = union
-        cu = nu * d
-        if not identity and nu == 0:  # every head dropped: q/k/v are zero, the MSA output is proj's bias
-            out = yp.new_zeros(S, C)
-            return out + attn.proj.bias.to(out.dtype) if attn.proj.bias is not None else out
-        W, b = attn.qkv.weight, attn.qkv.bias
-        parts = 2 if identity else 3  # identity_attn: V of every head comes from its own linear
-        W = self._sliced(W, heads, key, f"qkv_w{parts}", lambda: _head_rows(W[: parts * C], heads, parts, H, d))
-        b = None if b is None else self._sliced(b, heads, key, f"qkv_b{parts}", lambda: _head_rows(b[: parts * C], heads, parts, H, d))
-        qkv = F.linear(yp, W, b)  # (S, parts * cu)
-        v_all = F.linear(yp, attn.qkv.weight[2 * C :], None if attn.qkv.bias is None else attn.qkv.bias[2 * C :]) if identity else None
-        hk_rows = None if uniform else hk.repeat_interleave(t, dim=0)  # (S, H)
-        o = None
-        pairs = 0  # query-key pairs the attention products compute (padding included)
-        if nu > 0:
-            qkv3 = torch.cat([qkv, _head_cols(v_all, heads, H, d)], 1) if identity else qkv
-            # the products run in methods.attention's layout: a padded (Bs, T) buffer with a key
-            # mask, length groups, or one block-diagonal product; the padded MACs below count its pairs
-            if Bs == 1:  # one sample: its rows are the buffer (no index tensors to build)
-                lay = Layout(1, S)
-            else:
-                lay = packed_layout(torch.arange(Bs, device=yp.device).repeat_interleave(t), Bs)
-            pairs = lay.pairs
-            o = packed_attention(qkv3, lay, nu, d, attn.q_norm, attn.k_norm)
-            if hk_rows is not None:
-                hm = _head_cols(hk_rows, heads, H, 1).repeat_interleave(d, dim=1)
-                o = torch.where(hm, o, _head_cols(v_all, heads, H, d)) if identity else o * hm.to(o.dtype)
-        if identity:
-            if o is not None:
-                o = o.to(v_all.dtype)
-                o = o if heads is None else v_all.view(S, H, d).index_copy(1, heads, o.view(S, nu, d)).view(S, C)
-            else:
-                o = v_all
-            out = attn.proj_drop(attn.proj(o))
-            rec["padded_macs"] += S * C * (2 * cu + C) + 2 * pairs * cu + S * C * C
-            return out
-        Wp = self._sliced(attn.proj.weight, heads, key, "proj_w", lambda: _head_cols(attn.proj.weight, heads, H, d))
-        out = attn.proj_drop(F.linear(o, Wp, attn.proj.bias))
-        rec["padded_macs"] += S * C * 3 * cu + 2 * pairs * cu + S * cu * C
-        return out
-
-    def _compact_mlp(self, blk, xp, union, hk_rows, rec) -> torch.Tensor:
-        """FFN on packed token rows ``xp`` (S, C). zero_channels: fc1 reads only the channels of
-        the heads in ``union`` (``_head_union`` of the rows' samples), and ``hk_rows`` (S, H) zeroes per row the
-        heads a row's sample dropped when the rows disagree."""
-        mlp = blk.mlp
-        S, C = xp.shape
-        H, d = blk.attn.num_heads, blk.attn.head_dim
-        R = mlp.fc1.out_features
-        heads, nu, _, key = union
-        z = blk.norm2(xp)
-        if self.bench_knobs["head_variant"] == "identity_attn":
-            h, cu = mlp.fc1(z), C
-        else:
-            cu = nu * d
-            if hk_rows is not None:
-                z = z * hk_rows.to(z.dtype).repeat_interleave(d, dim=1)
-            w1 = self._sliced(mlp.fc1.weight, heads, key, "fc1_w", lambda: _head_cols(mlp.fc1.weight, heads, H, d))
-            h = F.linear(_head_cols(z, heads, H, d), w1, mlp.fc1.bias)
-        h = mlp.drop1(mlp.act(h))
-        h = mlp.norm(h)
-        out = mlp.drop2(mlp.fc2(h))
-        rec["padded_macs"] += S * (5 * C + cu * R + R * C)
-        return out
-
-
-def _head_rows(w: torch.Tensor, heads: torch.Tensor | None, parts: int, num_heads: int, d: int) -> torch.Tensor:
-    """Rows of the given heads (None: all) of a (parts * H * d, ...) weight or bias, e.g. q, k, v
-    of qkv; one index_select over the head axis (fast on the CPU, unlike row gathers)."""
-    if heads is None:
-        return w
-    rest = w.shape[1:]
-    return w.reshape(parts, num_heads, d, *rest).index_select(1, heads).reshape(-1, *rest)
-
-
-def _head_cols(w: torch.Tensor, heads: torch.Tensor | None, num_heads: int, d: int) -> torch.Tensor:
-    """Columns (last axis, H * d wide) of the given heads (None: all)."""
-    if heads is None:
-        return w
-    lead = w.shape[:-1]
-    return w.reshape(*lead, num_heads, d).index_select(-2, heads).reshape(*lead, -1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -205,3 +205,42 @@ def sampled_gmacs(shape: ViTShape, t_in: torch.Tensor, t_out: torch.Tensor) -> t
     n_in, n_out = t_in.double(), t_out.double()
     macs = (n_in * (a + bq * n_in + cq * n_out) + dq * n_out).sum(dim=1) + fin * n_out[:, -1] + const
     return macs / 1e9
+
+
+# AdaViT's shipped lookup table (docs/methods/adavit.md#the-shipped-lookup-table)
+
+
+def official_block_macs(embed_dim: int, num_heads: int, mlp_hidden: int, num_tokens_total: int, heads, tokens, attn, mlp):
+    """One block's MACs as AdaViT's shipped lookup table counts them (docs/methods/adavit.md#the-shipped-lookup-table):
+
+        T = 5*N*C*(1 + a) + a*(3*t*C*c + 2*t^2*c + t*c^2) + m*(t*c*rC + t*rC*C),   c = C*h/H
+
+    with N the model's full token count (LayerNorms are counted on all tokens), t the kept tokens
+    including CLS, h the kept heads, a / m the MSA / FFN on-off; an entry with h = 0 is 0. Works
+    on ints or tensors (element-wise); the h = 0 rule needs tensors or ints alike.
+    """
+    c_full, rc = embed_dim, mlp_hidden
+    c = c_full * heads / num_heads
+    t = tokens
+    total = (
+        5 * num_tokens_total * c_full * (1 + attn)
+        + attn * (3 * t * c_full * c + 2 * t * t * c + t * c * c)
+        + mlp * (t * c * rc + t * rc * c_full)
+    )
+    if isinstance(total, torch.Tensor):
+        return torch.where(torch.as_tensor(heads) == 0, torch.zeros_like(total), total)
+    return 0 if heads == 0 else total
+
+
+def official_table_tokens(t: int, num_tokens_total: int = 197) -> int:
+    """The token count the shipped table's entry t was really built with: the script keeps
+    int(float32(t / N) * N) tokens, which is t - 1 for t in {13, 26, 51, 52, 53, 102, 104, 106,
+    117, 119, 121} at N = 197 (docs/methods/adavit.md#the-shipped-lookup-table, docs/methods/adavit.md#check-adavit-4-lookup-table-closed-form)."""
+    ratio = torch.tensor(t / num_tokens_total, dtype=torch.float32)
+    return int(ratio * num_tokens_total)
+
+
+def official_table_entry(embed_dim: int, num_heads: int, mlp_hidden: int, num_tokens_total: int, heads: int, tokens: int, attn: int, mlp: int) -> float:
+    """Entry T[h, t, a, m] of the shipped ``*_flops_dict.pth`` tables in G, truncation included."""
+    t = official_table_tokens(tokens, num_tokens_total)
+    return official_block_macs(embed_dim, num_heads, mlp_hidden, num_tokens_total, heads, t, attn, mlp) / 1e9
