@@ -27,7 +27,7 @@ from torch import nn
 
 from .attention import Layout, packed_layout
 from .base import TracedViT, adapt
-from .execution import block_on_rows, check_timm_blocks, masked_block
+from .execution import block_on_rows, block_table, check_timm_blocks, masked_block, tokens_from_depths
 from .training import Recipe, fit, timed, validate
 from .registry import Knob, MethodSpec, register
 
@@ -257,7 +257,7 @@ class AViT(TracedViT):
                 "scores": scores_t,
                 "active": active_t,
             }
-        tokens = self._tokens_from_depths(depths, depth)
+        tokens = tokens_from_depths(depths, depth)
         masked = 1.0 - float(tokens.sum()) / float(B * N * depth)
         self._record(tokens, depths, rho.detach(), padding_waste=masked)
         return logits
@@ -378,53 +378,22 @@ class AViT(TracedViT):
         if want_aux:
             self.__dict__["_avit_aux"] = {"ponder_mean": ponder_sum / (B * N), "halting_mass": torch.stack(mass)}
         depths = depths.view(B, N)
-        tokens = self._tokens_from_depths(depths, depth)
+        tokens = tokens_from_depths(depths, depth)
         rho = depths.to(f32) + rem_final.view(B, N)
         self._record(tokens, depths, rho, executed=(computed, pairs))
         return logits
 
     # -- trace ------------------------------------------------------------------------------------
-    @staticmethod
-    def _tokens_from_depths(depths: torch.Tensor, depth: int) -> torch.Tensor:
-        """(B, depth) tokens entering each block: block l (0-based) sees tokens with depth > l."""
-        levels = torch.arange(depth, device=depths.device)
-        return (depths.unsqueeze(-1) > levels).sum(dim=1)
-
-    def _gmacs_table(self) -> tuple[torch.Tensor, float]:
-        """GMACs of one block for 0..N tokens, and of everything outside the blocks (cached): the
-        closed form of ``methods.macs`` evaluated once, so a forward at batch 1 pays one lookup."""
-        cached = self.__dict__.get("_avit_gmacs_table")
-        if cached is None:
-            shape = self.bench_shape
-            counts = torch.arange(shape.num_tokens + 1, dtype=torch.float64)
-            fixed = shape.embed_macs + shape.final(1 if self._cls_only() else shape.num_tokens)
-            cached = (shape.block(counts) / 1e9, float(fixed) / 1e9)
-            self.__dict__["_avit_gmacs_table"] = cached
-        return cached
-
     def _record(
         self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float = 0.0, executed: tuple[int, int] | None = None
     ) -> None:
-        """``executed``: (rows, query-key pairs) the blocks computed, summed over blocks (compact);
-        ``padding_waste`` is then the share of the executed block MACs that no sample needed: the
-        attention products over padding slots (or, in a block-diagonal product, over other
-        samples' keys) and the rows of halted tokens that deferred compaction kept computing."""
-        table, fixed = self._gmacs_table()
+        """``executed``: (rows, query-key pairs) the blocks computed, summed over blocks (compact),
+        from which ``padding_waste`` follows (``methods.execution.padding_waste``)."""
+        table = block_table(self, 1 if self._cls_only() else None)
         tokens = tokens.cpu()
-        if int(tokens.max()) < len(table):
-            blocks = table[tokens].sum(dim=1)
-            gmacs = blocks + fixed
-        else:  # more tokens than the model was built for (e.g. a dynamic image size)
-            # the final norm / head see the CLS token, or every token (all of them enter block 0)
-            n_final = torch.ones(len(tokens), dtype=torch.float64) if self._cls_only() else tokens[:, 0].to(torch.float64)
-            gmacs = self.bench_shape.gmacs_from_tokens(tokens, n_final)
-            blocks = gmacs - self.bench_shape.gmacs_from_tokens(torch.zeros_like(tokens), n_final)
+        gmacs, blocks = table.gmacs(tokens)
         if executed is not None:
-            rows, pairs = executed
-            attn = 2 * self.bench_shape.attn_dim
-            per_row = float(table[1]) * 1e9 - attn  # block(n) = per_row * n + 2 A n^2
-            spare = per_row * (rows - int(tokens.sum())) + attn * (pairs - int((tokens * tokens).sum()))
-            padding_waste = spare / (float(blocks.sum()) * 1e9 + spare) if spare > 0 else 0.0
+            padding_waste = table.padding_waste(tokens, blocks, *executed)
         self.record(
             tokens,
             gmacs=gmacs,

@@ -17,12 +17,14 @@ expanded index (20 us against 200 us at batch 32 on the digits ViT).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .attention import Layout, packed_attention, sdpa
+from .macs import ViTShape
 
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Layout], torch.Tensor]
 
@@ -109,8 +111,65 @@ def check_timm_blocks(vit: nn.Module, method: str) -> None:
             raise TypeError(f"{method} supports timm's pre-LN Block with Attention; block {i} is {type(blk).__name__}")
 
 
+# --------------------------------------------------------------------------------------------
+# MAC and padding accounting
+
+
+def tokens_from_depths(depths: torch.Tensor, depth: int) -> torch.Tensor:
+    """(B, depth) tokens entering each block from (B, N) per-token depths: block l (0-based) sees
+    the tokens with depth > l."""
+    levels = torch.arange(depth, device=depths.device)
+    return (depths.unsqueeze(-1) > levels).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """GMACs of one block for 0..N tokens and of everything outside the blocks: the closed form of
+    ``methods.macs`` evaluated once per model, so a forward at batch 1 pays one lookup."""
+
+    shape: ViTShape
+    block: torch.Tensor  # (N + 1,) GMACs of one block on n tokens
+    fixed: float  # GMACs of the embedding, final norm and head
+    n_final: int | None  # tokens the final norm sees (1: the CLS token); None: every token
+
+    def gmacs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample GMACs in all and in the blocks, from (B, depth) tokens entering each block."""
+        if int(tokens.max()) < len(self.block):
+            blocks = self.block[tokens].sum(dim=1)
+            return blocks + self.fixed, blocks
+        # more tokens than the model was built for (e.g. a dynamic image size)
+        n_final = tokens[:, 0].to(torch.float64) if self.n_final is None else torch.full((len(tokens),), float(self.n_final), dtype=torch.float64)
+        gmacs = self.shape.gmacs_from_tokens(tokens, n_final)
+        return gmacs, gmacs - self.shape.gmacs_from_tokens(torch.zeros_like(tokens), n_final)
+
+    def padding_waste(self, tokens: torch.Tensor, blocks: torch.Tensor, rows: int, pairs: int) -> float:
+        """Share of the executed block MACs no sample needed, from the ``rows`` and query-key
+        ``pairs`` the blocks computed: attention over padding slots (or, in a block-diagonal
+        product, over other samples' keys) and rows kept in place for a halted token."""
+        attn = 2 * self.shape.attn_dim
+        per_row = float(self.block[1]) * 1e9 - attn  # block(n) = per_row * n + 2 A n^2
+        spare = per_row * (rows - int(tokens.sum())) + attn * (pairs - int((tokens * tokens).sum()))
+        return spare / (float(blocks.sum()) * 1e9 + spare) if spare > 0 else 0.0
+
+
+def block_table(model: nn.Module, n_final: int | None) -> BlockTable:
+    """The (cached) :class:`BlockTable` of ``model``; ``n_final``: tokens its final norm sees
+    (1 for CLS pooling, None for every token)."""
+    cached = model.__dict__.get("_bench_block_table")
+    if cached is None or cached.n_final != n_final:
+        shape = model.bench_shape
+        counts = torch.arange(shape.num_tokens + 1, dtype=torch.float64)
+        fixed = shape.embed_macs + shape.final(shape.num_tokens if n_final is None else n_final)
+        cached = BlockTable(shape, shape.block(counts) / 1e9, float(fixed) / 1e9, n_final)
+        model.__dict__["_bench_block_table"] = cached
+    return cached
+
+
 __all__ = [
+    "BlockTable",
     "Layout",
+    "block_table",
+    "tokens_from_depths",
     "attention_on_rows",
     "attention_tail",
     "block_on_rows",
