@@ -121,12 +121,13 @@ def memory_cap(cap_mb: int | None, device: torch.device) -> Iterator[None]:
     if cap_mb <= 0:
         raise UsageError(f"memory_cap_mb must be a positive number of MiB, got {cap_mb}")
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_mb * 2**20 / total), device)
+        index = torch.cuda.current_device() if device.index is None else device.index  # the call needs an index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_mb * 2**20 / total), index)
         try:
             yield
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
         return
     with _LargestTensorCap(cap_mb * 2**20):
         yield

@@ -114,3 +114,17 @@ def test_memory_cap_on_the_cpu_fails_large_tensors_backs_off_and_lifts():
     with pytest.raises(UsageError, match="memory_cap_mb must be a positive"):
         with kernels.memory_cap(0, cpu):
             pass
+
+
+def test_memory_cap_on_cuda_sets_the_allocator_fraction_of_the_current_device_and_restores_it(monkeypatch):
+    """No GPU here: torch.cuda's calls are recorded instead. The cap is a fraction of the device's
+    memory, given with an explicit device index (torch refuses a bare 'cuda'), and lifted on exit."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 8 * 2**30})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.append((f, i)))
+    with kernels.memory_cap(2048, torch.device("cuda")):
+        assert calls == [(0.25, 3)]
+    with pytest.raises(RuntimeError, match="boom"), kernels.memory_cap(16 * 1024, torch.device("cuda", 1)):
+        raise RuntimeError("boom")
+    assert calls == [(0.25, 3), (1.0, 3), (1.0, 1), (1.0, 1)]  # capped at the whole device, restored after an error

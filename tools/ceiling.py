@@ -95,7 +95,7 @@ def adavit(vit: nn.Module, compact: nn.Module, inputs: torch.Tensor, batch: int)
     d = vit.blocks[0].attn.head_dim
     C = H * d
     sliced: dict[tuple[int, int], tuple] = {}
-    gate = nn.Linear(C, 1)
+    gate = nn.Linear(C, 1, device=vit.blocks[0].attn.qkv.weight.device)
 
     def weights(l: int, blk: nn.Module, h: int) -> tuple:
         if (l, h) not in sliced:
