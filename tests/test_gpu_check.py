@@ -130,3 +130,41 @@ def test_summary_of_a_run_whose_steps_failed_says_what_is_missing(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "_no methods rows: see steps and logs/_" in md and "| prepare | failed | 2 | 1 |" in md
     assert md.startswith("# GPU check (gpu): -\n")  # what no step recorded shows as -, not None
+
+
+def test_gpu_plan_resolves_to_the_cells_the_issue_asks_for(tmp_path, monkeypatch):
+    """The GPU run's own `bench run` commands (which the dry run replaces by gpu-check-dry ones),
+    through bench's command line and validation up to the device: no typo waits for the GPU."""
+    import torch
+
+    from bench import cli, runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "execute", lambda cfg, *a, **k: seen.setdefault(cfg.out, cfg) and None)
+    monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device(name))  # no CUDA here
+    calibration = {"budgets": {"ats": "keep:0.4321", "avit": "gate_scale:3+gate_center:1.2345", "adavit": "patch_threshold:0.6"},
+                   "checkpoint": str(tmp_path / "w.safetensors")}
+    steps = gpu_check.measuring_steps(gpu_check.GPU, tmp_path, calibration)
+    for step in steps:
+        if step.argv[1:3] == ["-m", "bench"]:
+            assert cli.app(args=step.argv[3:], standalone_mode=False) is None, step.name
+    cfgs = {Path(out).name: cfg for out, cfg in seen.items()}
+    assert set(cfgs) == {"methods", "reference", "oom", "compile"} | {f"dense-{b}" for b in gpu_check.DENSE}
+    for name, cfg in cfgs.items():
+        method_ids, devices = runner.validate(cfg)  # methods, precisions, batch sizes, every budget parsed
+        assert devices == [torch.device("cuda")] and cfg.dataset == "synthetic", name
+    for name in ("methods", "reference"):
+        cfg = cfgs[name]
+        assert (cfg.backbone, cfg.precisions, cfg.batch_sizes) == ("deit_small_patch16_224", ["bf16"], [1, 256])
+        assert cfg.checkpoint == calibration["checkpoint"] and runner.resolve_methods(cfg.methods) == ["deit", "ats", "avit", "adavit"]
+    assert cfgs["methods"].modes == {} and set(cfgs["reference"].modes.values()) == {"reference"}
+    for b in gpu_check.DENSE:
+        cfg = cfgs[f"dense-{b}"]
+        assert (cfg.backbone, cfg.precisions, cfg.batch_sizes, cfg.methods, cfg.checkpoint) == (b, ["fp32", "bf16"], [1, 256], ["deit"], "random")
+    oom, comp = cfgs["oom"], cfgs["compile"]
+    assert (oom.memory_cap_mb, oom.batch_sizes, oom.precisions) == (2048, [4096], ["bf16"])
+    assert 4096 * 3 * 224 * 224 * 4 > oom.memory_cap_mb * 2**20  # the asked batch's inputs alone exceed the cap
+    assert (comp.compile, comp.compile_backend, comp.batch_sizes, comp.precisions) == (True, "inductor", [256], ["bf16"])
+    assert comp.eval_batch_size == comp.test_samples == 256  # one input shape: one compilation
+    extras = next(s for s in steps if s.name == "extras")
+    assert extras.argv[extras.argv.index("--backbones") + 1].split(",") == list(gpu_check.DENSE)
