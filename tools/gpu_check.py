@@ -149,7 +149,9 @@ class Runner:
         with open(self.work / "logs" / f"{step.name}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
             sys.argv = step.argv[2:] if module else step.argv[1:]
             try:
-                runpy.run_module(step.argv[2], run_name="__main__", alter_sys=True) if module else \
+                if module:
+                    runpy.run_module(step.argv[2], run_name="__main__", alter_sys=True)
+                else:
                     runpy.run_path(step.argv[1], run_name="__main__")
                 rc = 0
             except SystemExit as end:  # what the process would have exited with

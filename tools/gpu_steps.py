@@ -87,7 +87,7 @@ def calibrate(vit: torch.nn.Module, x: torch.Tensor, steps: int) -> tuple[dict[s
     return chosen, adavit
 
 
-def test_images(cfg: config.RunConfig, vit: torch.nn.Module) -> torch.Tensor:
+def eval_images(cfg: config.RunConfig, vit: torch.nn.Module) -> torch.Tensor:
     """The profile's test images: those `bench run` counts each cell's GMACs on."""
     return torch.cat([x for x, _ in datasets.load(cfg, vit).batches(256)])
 
@@ -103,7 +103,7 @@ def prepare(profile: str, work: Path, check_backbones: list[str], steps: int = B
     cfg, device = setup(profile)
     torch.manual_seed(cfg.seed)  # as bench run seeds before creating the backbone
     vit = runner.create_backbone(cfg).eval()
-    x = test_images(cfg, vit).to(device)
+    x = eval_images(cfg, vit).to(device)
     vit = vit.to(device)
     began = time.perf_counter()
     # Without autocast's weight-cast cache: the calibration changes AdaViT's gates between forwards.
