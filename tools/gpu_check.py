@@ -2,7 +2,8 @@
 tools/gpu_check.sh, which sets the environment:
 
     bash tools/gpu_check.sh                 # one GPU, at most --budget-s (480 s): results/gpu/<stamp>/
-    bash tools/gpu_check.sh --dry-run       # the same steps on the CPU at tiny sizes (the tests run it)
+    bash tools/gpu_check.sh --dry-run       # the same steps on the CPU at tiny sizes (the tests run it,
+                                            # with --in-process: one process, imports paid once)
 
 Every step is its own process (a crash or a hung compile costs that step, not the run) and,
 apart from `prepare` and `extras` (tools/gpu_steps.py), a plain `bench run` with a gpu-check

@@ -2,7 +2,7 @@
 # The first GPU numbers in one command (issue 21; README "A first GPU check"):
 #
 #   bash tools/gpu_check.sh                # one GPU, at most 8 minutes: results/gpu/<stamp>/summary.md
-#   bash tools/gpu_check.sh --dry-run      # the same steps on the CPU at tiny sizes (about a minute)
+#   bash tools/gpu_check.sh --dry-run      # the same steps on the CPU at tiny sizes (add --in-process: ~30 s)
 #
 # Options (tools/gpu_check.py --help): --out DIR, --budget-s SECONDS. PYTHON picks the interpreter
 # (default python3, the one with torch on the GPU machine). No install is needed: the repository is
