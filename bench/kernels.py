@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .errors import UsageError
 
@@ -86,26 +88,24 @@ def is_oom(error: BaseException) -> bool:
 MEMORY_CAP_KINDS = {"cuda": "cuda_allocator_limit", "cpu": "cpu_largest_tensor_emulated"}
 
 
-class _LargestTensorCap:
+class _LargestTensorCap(TorchDispatchMode):
     """The CPU stand-in for an allocator limit (the CPU has none to set): an op whose output tensor
     is larger than the cap fails with ``torch.OutOfMemoryError``, as a full device would fail it.
     It bounds each tensor, not their sum, and costs a Python call per op: for exercising the
     back-off (``tools/gpu_check.sh --dry-run``), not for timing."""
 
-    def __new__(cls, cap_bytes: int):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self, cap_bytes: int):
+        super().__init__()
+        self.cap_bytes = cap_bytes
 
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in torch.utils._pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > cap_bytes:
-                        raise torch.OutOfMemoryError(
-                            f"CPU out of memory (memory_cap_mb, emulated): {func} made a tensor of "
-                            f"{t.numel() * t.element_size() / 2**20:.1f} MiB, over the cap of {cap_bytes / 2**20:.1f} MiB")
-                return out
-
-        return Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            size = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+            if size > self.cap_bytes:
+                raise torch.OutOfMemoryError(f"CPU out of memory (memory_cap_mb, emulated): {func} made a tensor of "
+                                             f"{size / 2**20:.1f} MiB, over the cap of {self.cap_bytes / 2**20:.1f} MiB")
+        return out
 
 
 @contextlib.contextmanager
