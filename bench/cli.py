@@ -51,6 +51,7 @@ def run(
     retrain: bool = typer.Option(False, "--retrain", help="Train the backbone (and fine-tuned methods) even if cached or shipped."),
     config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read (default: ./bench.toml, then the project's)."),
     reports: str = typer.Option("reports", "--reports", help="Folder for the report written at the end."),
+    write_report: bool = typer.Option(True, "--report/--no-report", help="Write the report at the end (`bench report RUN` writes it later)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Count and report unreadable images or videos (listed in the manifest) instead of stopping."),
     crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Eval transform: centre-crop share (default: the backbone's timm config)."),
@@ -94,9 +95,10 @@ def run(
     skipped = result.manifest().get("dataset", {}).get("skipped_corrupt")
     if skipped:
         err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {result.path / 'manifest.json'}")
-    report_folder = report_mod.write([result], Path(reports))
     console.print(f"results: {result.path}")
-    console.print(f"report:  {report_folder / 'leaderboard.md'}")
+    if write_report:
+        report_folder = report_mod.write([result], Path(reports))
+        console.print(f"report:  {report_folder / 'leaderboard.md'}")
 
 
 def _summary(records: list[dict], run) -> None:

@@ -42,6 +42,7 @@ PROFILE_SCHEMA: dict[str, Any] = {
     "compile_backend": str,
     "attention": str,
     "devices": (str, ("list", str)),
+    "memory_cap_mb": int,  # bench/kernels.py memory_cap: the device memory a run may hold
     "transform": (
         "table",
         {"input_size": ("list", int), "crop_pct": NUMBER, "interpolation": str, "mean": ("list", NUMBER),
@@ -264,6 +265,7 @@ class RunConfig:
     attention: str = "default"  # bench/kernels.py ATTENTION
     workers: list[str] = field(default_factory=list)  # --devices: one process per entry
     video: dict = field(default_factory=dict)  # [video]: test-time clip sampling of real videos
+    memory_cap_mb: int | None = None  # bench/kernels.py memory_cap (None: the whole device)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -314,6 +316,7 @@ def resolve(profile_name: str, config_path: Path | None = None, **flags: Any) ->
         attention=str(over.get("attention", p.get("attention", "default"))),
         workers=as_list(over.get("devices", p.get("devices"))),
         video=dict(p.get("video", {})),
+        memory_cap_mb=p.get("memory_cap_mb"),
     )
     if "budgets" in over:
         cfg.budgets.update(over["budgets"])

@@ -316,6 +316,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     """Run (or finish) a benchmark; returns the run (None on torchrun ranks other than 0).
     KeyboardInterrupt propagates after saving."""
     root = Path(cfg.out)
+    run = None
     if resume:
         run = Run.find(root, resume)
         skip_corrupt = cfg.skip_corrupt  # the one flag a resume may add: a run stopped by a corrupt video
@@ -337,9 +338,17 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    with kernels.memory_cap(cfg.memory_cap_mb, parallel.rank_device(devices[0], d)):
+        return _execute(cfg, reporter, run, argv, method_ids, devices, d)
 
+
+def _execute(cfg: RunConfig, reporter: Reporter, run: Run | None, argv: list[str] | None, method_ids: list[str],
+             devices: list[torch.device], d: parallel.Dist) -> Run | None:
+    """``execute`` once the configuration is checked; ``run`` is the run being resumed, if any."""
     from .store import ensure_writable
 
+    resume = run is not None
+    root = Path(cfg.out)
     if d.main:
         ensure_writable(run.path if resume else root)  # fail before any training or measuring
     vit = create_backbone(cfg)
@@ -464,6 +473,7 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
                     "gmacs_ratio": summary["gmacs"] / dense_gmacs,
                     **t,
                     **setup,
+                    **_cap_fields(cfg, g.device),
                     "status": "oom" if cell is None else ("oom_backoff" if failed else "ok"),
                     "batch_size_run": ran,
                     "oom_backoff": failed,
@@ -479,6 +489,13 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
 
 
 OOM_NAN = ("img_per_s", "speedup", "latency_ms_p50", "latency_ms_p90", "dense_img_per_s", "peak_mem_mb")
+
+
+def _cap_fields(cfg: RunConfig, device: torch.device) -> dict:
+    """The memory cap a cell ran under (kernels.memory_cap), recorded only when a profile set one."""
+    if cfg.memory_cap_mb is None:
+        return {}
+    return {"memory_cap_mb": cfg.memory_cap_mb, "memory_cap_kind": kernels.MEMORY_CAP_KINDS[device.type]}
 
 
 def _runnable(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -537,4 +554,5 @@ def run_worker(run_path: Path, index: int, device: str, share: list[int], thread
     folder.mkdir(parents=True, exist_ok=True)
     part = Run(folder)
     part.write_manifest({"worker": index, "device": device, "groups": share})
-    _run_groups(cfg, part, mine, vit, backbone_info, evalset, reporter, done=main.done_keys())
+    with kernels.memory_cap(cfg.memory_cap_mb, mine[0].device if mine else resolve_device(device)):
+        _run_groups(cfg, part, mine, vit, backbone_info, evalset, reporter, done=main.done_keys())

@@ -74,3 +74,34 @@ def test_adavit_replay_slices_heads_as_the_method_drops_them(vit):
     expected = compact(x)
     assert not torch.allclose(expected, vit(x), atol=1e-3)  # dropping the head changed the output
     assert torch.allclose(replay(x), expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_ats_replay_block_is_timms_block_on_the_kept_queries(vit):
+    """An ATS step (n_in, n_out) computes, for its first n_out rows, what timm's Block computes for
+    them over all n_in tokens (queries are independent rows), and nothing for the rest."""
+    compact = methods.build("ats", vit, mode="compact", keep=0.25).eval()
+    x = _inputs()
+    replay = ceiling.ats(vit, compact, x, 4)
+    blk = vit.blocks[3]
+    stream = torch.randn(4, N, vit.embed_dim, generator=torch.Generator().manual_seed(1))
+    out = replay.block_fn((40, 17), blk, stream)
+    assert out.shape == (4, 17, vit.embed_dim)
+    assert torch.allclose(out, blk(stream[:, :40])[:, :17], atol=1e-5)
+    assert torch.equal(replay.block_fn((N, N), blk, stream), blk(stream))
+
+
+@torch.no_grad()
+def test_ats_replay_follows_the_sampled_token_counts(vit):
+    compact = methods.build("ats", vit, mode="compact", keep=0.25).eval()
+    x = _inputs()
+    replay = ceiling.ats(vit, compact, x, 4)
+    compact(x)
+    tr = methods.trace(compact)
+    expected = [(max(1, round(float(i))), max(1, round(float(o)))) for i, o in
+                zip(tr.tokens.float().mean(0), tr.tokens_kept.float().mean(0))]
+    schedule = replay.schedules[x.data_ptr()]
+    assert schedule == expected
+    assert schedule[:3] == [(N, N)] * 3 and all(o < i for i, o in schedule[3:4])  # sampling starts at block 3
+    out = replay(x)
+    assert out.shape == (4, vit.num_classes) and bool(out.isfinite().all())

@@ -89,3 +89,42 @@ def test_other_runtime_errors_are_not_mistaken_for_oom():
         return "ok"
 
     assert kernels.with_backoff(fits_at_2, 16, torch.device("cpu")) == ("ok", 2, [16, 12, 8, 6, 4, 3])
+
+
+def test_a_failed_cpu_allocation_is_an_out_of_memory():
+    """c10's CPU allocator reports failure as a plain RuntimeError; the back-off must see an OOM."""
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(2**55, dtype=torch.uint8)  # 32 PiB: refused at once, nothing is touched
+    assert not isinstance(failed.value, torch.OutOfMemoryError)
+    assert kernels.is_oom(failed.value)
+
+
+def test_memory_cap_on_the_cpu_fails_large_tensors_backs_off_and_lifts():
+    cpu = torch.device("cpu")
+    with kernels.memory_cap(1, cpu):  # 1 MiB per tensor
+        assert torch.zeros(1024, 256).numel() == 2**18  # exactly 1 MiB: fits
+        with pytest.raises(torch.OutOfMemoryError, match="over the cap of 1.0 MiB") as over:
+            torch.zeros(1025, 256)
+        assert kernels.is_oom(over.value)
+        # bs x 256 KiB: timm's ladder from 16 stops at 4
+        assert kernels.with_backoff(lambda bs: torch.zeros(bs, 1024, 64).shape[0], 16, cpu) == (4, 4, [16, 12, 8, 6])
+    assert torch.zeros(4096, 256).numel() == 2**20  # lifted on exit
+    with kernels.memory_cap(None, cpu):
+        assert torch.zeros(4096, 256).numel() == 2**20
+    with pytest.raises(UsageError, match="memory_cap_mb must be a positive"):
+        with kernels.memory_cap(0, cpu):
+            pass
+
+
+def test_memory_cap_on_cuda_sets_the_allocator_fraction_of_the_current_device_and_restores_it(monkeypatch):
+    """No GPU here: torch.cuda's calls are recorded instead. The cap is a fraction of the device's
+    memory, given with an explicit device index (torch refuses a bare 'cuda'), and lifted on exit."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 8 * 2**30})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.append((f, i)))
+    with kernels.memory_cap(2048, torch.device("cuda")):
+        assert calls == [(0.25, 3)]
+    with pytest.raises(RuntimeError, match="boom"), kernels.memory_cap(16 * 1024, torch.device("cuda", 1)):
+        raise RuntimeError("boom")
+    assert calls == [(0.25, 3), (1.0, 3), (1.0, 1), (1.0, 1)]  # capped at the whole device, restored after an error

@@ -32,7 +32,7 @@ def set_half_gates(model, x: torch.Tensor, keep_tokens: float, keep_heads: int, 
     ``keep_tokens`` of the patches (calibrated block by block on ``x``), the first ``keep_heads``
     heads of every gated block kept, every sub-layer on. Defaults keep about half the MACs: digits
     50% of the patches and 2 of 3 heads (2.2x), deit_small 65% and 4 of 6 heads (2.0x)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(model.blocks[0].attn.qkv.weight.device).manual_seed(seed)  # the gates' device (cuda too)
     H = model.blocks[0].attn.num_heads
     thr = model.bench_knobs["patch_threshold"]
     mode = model.bench_mode

@@ -2,7 +2,7 @@
 
 A `compact` implementation can only be as fast as the work it keeps. This module replays that
 work with none of the method's policy logic: for each block, timm's own operations on exactly as
-many token rows (and, for AdaViT, heads) as the method kept, taken from its trace, as contiguous
+many token rows (and, for AdaViT, heads; for ATS, kept queries) as the method kept, taken from its trace, as contiguous
 tensors (no gathers, no masks, no padding). A batch runs every sample at the mean count of the
 batch (a perfectly balanced batch: no implementation that batches samples does better). Timed
 against the dense model side by side, this gives the speedup the kernels allow for that schedule
@@ -95,7 +95,7 @@ def adavit(vit: nn.Module, compact: nn.Module, inputs: torch.Tensor, batch: int)
     d = vit.blocks[0].attn.head_dim
     C = H * d
     sliced: dict[tuple[int, int], tuple] = {}
-    gate = nn.Linear(C, 1)
+    gate = nn.Linear(C, 1, device=vit.blocks[0].attn.qkv.weight.device)
 
     def weights(l: int, blk: nn.Module, h: int) -> tuple:
         if (l, h) not in sliced:
@@ -138,4 +138,33 @@ def adavit(vit: nn.Module, compact: nn.Module, inputs: torch.Tensor, batch: int)
                 for l in range(len(tokens))
             ],
         )
+    return replay
+
+
+@torch.no_grad()
+def ats(vit: nn.Module, compact: nn.Module, inputs: torch.Tensor, batch: int) -> nn.Module:
+    """ATS's kept work (the count of METHODS.md test 18): block l with the mean number of tokens
+    entering it, n_in, and leaving it, n_out (``compact``'s trace on the same batch): LN1 and qkv on
+    n_in rows, fused attention of the first n_out queries over all n_in keys, then proj, LN2 and
+    the MLP on n_out rows; blocks that keep everything are timm's Block. Scoring and sampling are
+    policy logic and are left out."""
+
+    def block(step: tuple, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n_in, n_out = step
+        x = x if n_in >= x.shape[1] else x[:, :n_in].contiguous()
+        if n_out >= n_in:
+            return blk(x)
+        a = blk.attn
+        B = x.shape[0]
+        q, k, v = a.qkv(blk.norm1(x)).view(B, n_in, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q[:, :, :n_out], k, v).transpose(1, 2).reshape(B, n_out, -1)
+        xs = x[:, :n_out] + blk.ls1(a.proj(o))
+        return xs + blk.ls2(blk.mlp(blk.norm2(xs)))
+
+    replay = _Replay(methods.build("deit", vit), block)
+    for xb in _batches(inputs, batch):
+        compact(xb)
+        tr = methods.trace(compact)
+        t_in, t_out = tr.tokens.float().mean(0), tr.extras["tokens_kept"].float().mean(0)
+        replay.add(xb, [(max(1, round(float(i))), max(1, round(float(o)))) for i, o in zip(t_in, t_out)])
     return replay
