@@ -176,6 +176,113 @@ def ponder_loss(ponder: torch.Tensor) -> torch.Tensor:
 # The model
 
 
+class _Zipped:
+    """The state of compact A-ViT ("token zipping") across the blocks of one forward.
+
+    Rows are the batch's active tokens, packed (``flat``: each row's position sample * N + token
+    in the original (B, N) layout; rows stay sorted by it, so each sample's tokens are contiguous,
+    CLS first). A row's depth is written every block while it is active (the last write stays) and
+    its ponder remainder added where it halts. When the head reads only the CLS token the output
+    accumulator o = sum h x + R x is kept for the CLS rows alone.
+
+    Deferred compaction (batches, inference): while the rows are still the whole (B, N) buffer and
+    at most ``DEFER_SHARE`` of them have halted, halted rows stay in place, masked as keys and
+    frozen in the bookkeeping (the reference's semantics), because removing a handful of rows
+    costs a scatter and a gather per block, more than computing them (embedded default at batch
+    32: 3 of 2080 rows halt after block 0). Their work is counted in ``padding_waste``.
+    """
+
+    def __init__(self, x: torch.Tensor, depth: int, cls_only: bool, may_defer: bool):
+        B, N, C = x.shape
+        dev, f32 = x.device, torch.float32
+        self.shape, self.depth, self.cls_only, self.may_defer = (B, N, C), depth, cls_only, may_defer
+        self.x = x.reshape(B * N, C)
+        self.flat = torch.arange(B * N, device=dev)
+        self.cum = torch.zeros(B * N, dtype=f32, device=dev)
+        self.rem = torch.ones(B * N, dtype=f32, device=dev)
+        self.depths = torch.full((B * N,), depth, dtype=torch.int64, device=dev)
+        self.rem_final = torch.zeros(B * N, dtype=f32, device=dev)  # R of each token, 0 where it never reached 1 - eps
+        if cls_only:  # o of the CLS tokens only: (B, C), their packed rows, and whether still active
+            self.out = torch.zeros(B, C, dtype=f32, device=dev)
+            self.cls_row = self.flat[::N].clone()
+            self.cls_live = torch.ones(B, dtype=f32, device=dev)
+            self.cls_alive = True  # batch 1: no index bookkeeping, the CLS row is the first while active
+        else:
+            self.out = torch.zeros(B * N, C, dtype=f32, device=dev)
+            self.final = torch.zeros(B * N, C, dtype=f32, device=dev)  # o of every token once it halts
+        self.lay = Layout(B, N, None, None)
+        self.pairs = self.computed = 0  # query-key pairs and rows the blocks computed (padding included)
+        self.live = None  # deferred compaction: which rows of the (B, N) buffer are still active
+        self.ponder_sum = torch.zeros((), dtype=f32, device=dev)
+        self.mass: list[torch.Tensor] = []
+
+    def run(self, blk: nn.Module) -> None:
+        self.x = block_on_rows(blk, self.x, self.lay)
+        self.pairs += self.lay.pairs
+        self.computed += self.x.shape[0]
+
+    def accumulate(self, l: int, weight: torch.Tensor, reached_rem: torch.Tensor) -> None:
+        """Depths, remainders and the output accumulator after block ``l``."""
+        if self.live is None:
+            self.depths.index_fill_(0, self.flat, l + 1)  # overwritten while the row stays active
+        else:  # still the (B, N) buffer: row = flat position
+            self.depths.masked_fill_(self.live, l + 1)
+        self.rem_final.index_add_(0, self.flat, reached_rem)  # nonzero at the halting block only
+        x = self.x
+        if self.cls_only and self.shape[0] == 1:  # the CLS row is row 0 while it is active
+            if self.cls_alive:
+                self.out.addcmul_(weight[:1].unsqueeze(1), x[:1])
+        elif self.cls_only:
+            self.out.addcmul_((weight.index_select(0, self.cls_row) * self.cls_live).unsqueeze(1), x.index_select(0, self.cls_row))
+        else:
+            self.out.addcmul_(weight.unsqueeze(1), x)
+
+    def account_aux(self, h_raw: torch.Tensor, reached_rem: torch.Tensor, prefix: int) -> None:
+        """Training: the corrected per-layer halting mass (patch tokens only, halted ones count 0)
+        and the ponder cost."""
+        B, N, _ = self.shape
+        patch = (self.flat % N >= prefix).to(torch.float32)
+        self.mass.append((h_raw * patch).sum() / (B * (N - prefix)))
+        self.ponder_sum = self.ponder_sum + self.x.shape[0] + reached_rem.sum()
+
+    def finish(self) -> None:
+        if not self.cls_only:
+            self.final.index_copy_(0, self.flat, self.out)
+
+    def compact(self, go_on: torch.Tensor, l: int) -> bool:
+        """Drop the rows that halted in block ``l`` (or defer); False when no row is left."""
+        B, N, _ = self.shape
+        rows = self.x.shape[0]
+        kept = go_on.nonzero().squeeze(1)
+        if kept.numel() == rows:
+            return True
+        if self.may_defer and rows == B * N and rows - kept.numel() <= DEFER_SHARE * rows and bool(go_on.view(B, N).any(1).all()):
+            self.live = go_on  # every sample keeps a live key: the masked rows stay finite
+            self.lay = Layout(B, N, None, self.live.view(B, 1, 1, N))
+            return True
+        self.may_defer, self.live = False, None
+        if kept.numel() == 0:  # every token of every sample halted: later blocks get nothing
+            self.mass.extend(torch.zeros((), dtype=torch.float32, device=go_on.device) for _ in range(self.depth - 1 - l))
+            return False
+        self._follow(go_on, kept)
+        self.x, self.flat = self.x.index_select(0, kept), self.flat.index_select(0, kept)
+        self.cum, self.rem = self.cum.index_select(0, kept), self.rem.index_select(0, kept)
+        self.lay = Layout(1, kept.numel(), None, None) if B == 1 else packed_layout(self.flat // N, B)
+        return True
+
+    def _follow(self, go_on: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep the output accumulator in step with the rows that go on."""
+        if self.cls_only and self.shape[0] == 1:
+            self.cls_alive = self.cls_alive and bool(go_on[0])
+        elif self.cls_only:  # follow the CLS rows into the compacted order
+            self.cls_live = self.cls_live * go_on.index_select(0, self.cls_row)
+            self.cls_row = (torch.cumsum(go_on, 0) - 1).index_select(0, self.cls_row).clamp_(min=0)
+        else:
+            done = (~go_on).nonzero().squeeze(1)
+            self.final.index_copy_(0, self.flat.index_select(0, done), self.out.index_select(0, done))
+            self.out = self.out.index_select(0, kept)
+
+
 class AViT(TracedViT):
     """A timm VisionTransformer with A-ViT halting; ``bench_mode`` is ``compact`` or ``reference``.
 
@@ -264,123 +371,41 @@ class AViT(TracedViT):
 
     # -- compact: token zipping -----------------------------------------------------------------
     def _forward_compact(self, img: torch.Tensor) -> torch.Tensor:
-        """Halted tokens leave the packed rows; the per-token halting state shrinks with them.
-
-        The same ``halting_weights`` as the reference, arranged for few passes:
-        a row's depth is written for every active row each block (the last write, at the block
-        where it halts, is the one that stays) and its ponder remainder added where it halts, and
-        when the head reads only the CLS token the output accumulator o = sum h x + R x is kept
-        for the CLS rows alone, so no (rows, C) accumulation runs for patch tokens whose o nothing
-        reads.
-
-        Deferred compaction (batches, inference): while the rows are still the whole (B, N)
-        buffer and at most ``DEFER_SHARE`` of them have halted, the halted rows stay in place,
-        masked as keys and frozen in the bookkeeping (the reference's semantics) instead of
-        being gathered out: removing a handful of rows costs a scatter into a padded buffer and
-        a gather back per block, more than computing them (measured on the embedded default at
-        batch 32: 3 of 2080 rows halt after block 0). Their work is counted in
-        ``padding_waste``; the first block where more have halted removes them all.
+        """Halted tokens leave the packed rows; the per-token halting state shrinks with them
+        (:class:`_Zipped`). The same ``halting_weights`` as the reference, arranged for few passes.
         """
         gamma, beta, eps = self._gate()
         x = self.embed_tokens(img)
         dtype = x.dtype
-        B, N, C = x.shape
         depth = len(self.blocks)
-        dev = x.device
-        f32 = torch.float32
-        prefix = self.num_prefix_tokens
-        cls_only = self._cls_only()
-        x = x.reshape(B * N, C)
-        # Per packed row: its flat position sample * N + token in the original (B, N) layout.
-        # Rows stay sorted by it, so each sample's active tokens are contiguous, CLS first.
-        flat = torch.arange(B * N, device=dev)
-        cum = torch.zeros(B * N, dtype=f32, device=dev)
-        rem = torch.ones(B * N, dtype=f32, device=dev)
-        depths = torch.full((B * N,), depth, dtype=torch.int64, device=dev)
-        rem_final = torch.zeros(B * N, dtype=f32, device=dev)  # R of each token, 0 where it never reached 1 - eps
-        if cls_only:  # o of the CLS tokens only: (B, C), their packed rows, and whether still active
-            out = torch.zeros(B, C, dtype=f32, device=dev)
-            cls_row = flat[::N].clone()
-            cls_live = torch.ones(B, dtype=f32, device=dev)
-            cls_alive = True  # batch 1: no index bookkeeping, the CLS row is the first while active
-        else:
-            out = torch.zeros(B * N, C, dtype=f32, device=dev)
-            final = torch.zeros(B * N, C, dtype=f32, device=dev)  # o of every token once it halts
-        lay = Layout(B, N, None, None)
-        pairs = computed = 0  # query-key pairs and rows the blocks computed (padding included)
-        live = None  # deferred compaction: which rows of the (B, N) buffer are still active
-        may_defer = B > 1 and not self.training
         want_aux = self.training
         if want_aux and self.bench_knobs["official_prior_quirk"]:
             raise RuntimeError("official_prior_quirk reads halted tokens' masked outputs: train in 'reference' mode")
-        ponder_sum = torch.zeros((), dtype=f32, device=dev)
-        mass = []
+        z = _Zipped(x, depth, self._cls_only(), may_defer=x.shape[0] > 1 and not want_aux)
         for l, blk in enumerate(self.blocks):
-            x = block_on_rows(blk, x, lay)
-            rows = x.shape[0]
-            pairs += lay.pairs
-            computed += rows
+            z.run(blk)
             last = l == depth - 1
             if last and not want_aux:  # h forced to 1: every active row halts here with its remainder
-                reached_rem = weight = rem if live is None else torch.where(live, rem, 0.0)
+                reached_rem = weight = z.rem if z.live is None else torch.where(z.live, z.rem, 0.0)
+                go_on = h_raw = None
             else:
-                h_raw = halting_scores(x, gamma, beta)
+                h_raw = halting_scores(z.x, gamma, beta)
                 h = torch.ones_like(h_raw) if last else h_raw
-                cum, go_on, _, reached_rem, weight = halting_weights(cum, rem, h, eps, live)
-                rem = rem - h  # what rows that go on have left (halting rows keep reached_rem)
-            if live is None:
-                depths.index_fill_(0, flat, l + 1)  # overwritten while the row stays active
-            else:  # still the (B, N) buffer: row = flat position
-                depths.masked_fill_(live, l + 1)
-            rem_final.index_add_(0, flat, reached_rem)  # nonzero at the halting block only
-            if cls_only and B == 1:  # the CLS row is row 0 while it is active
-                if cls_alive:
-                    out.addcmul_(weight[:1].unsqueeze(1), x[:1])
-            elif cls_only:
-                out.addcmul_((weight.index_select(0, cls_row) * cls_live).unsqueeze(1), x.index_select(0, cls_row))
-            else:
-                out.addcmul_(weight.unsqueeze(1), x)
-            if want_aux:  # corrected per-layer mass: patch tokens only, halted ones count 0
-                patch = (flat % N >= prefix).to(f32)
-                mass.append((h_raw * patch).sum() / (B * (N - prefix)))
-                ponder_sum = ponder_sum + rows + reached_rem.sum()
-            if last:
-                if not cls_only:
-                    final.index_copy_(0, flat, out)
+                z.cum, go_on, _, reached_rem, weight = halting_weights(z.cum, z.rem, h, eps, z.live)
+                z.rem = z.rem - h  # what rows that go on have left (halting rows keep reached_rem)
+            z.accumulate(l, weight, reached_rem)
+            if want_aux:
+                z.account_aux(h_raw, reached_rem, self.num_prefix_tokens)
+            if last or not z.compact(go_on, l):
+                z.finish()
                 break
-            kept = go_on.nonzero().squeeze(1)
-            if kept.numel() == rows:
-                continue
-            if may_defer and rows == B * N and rows - kept.numel() <= DEFER_SHARE * rows and bool(go_on.view(B, N).any(1).all()):
-                live = go_on  # every sample keeps a live key: the masked rows stay finite
-                lay = Layout(B, N, None, live.view(B, 1, 1, N))
-                continue
-            may_defer = False
-            live = None
-            if kept.numel() == 0:  # every token of every sample halted: later blocks get nothing
-                mass.extend(torch.zeros((), dtype=f32, device=dev) for _ in range(depth - 1 - l))
-                if not cls_only:
-                    final.index_copy_(0, flat, out)
-                break
-            if cls_only and B == 1:
-                cls_alive = cls_alive and bool(go_on[0])
-            elif cls_only:  # follow the CLS rows into the compacted order
-                cls_live = cls_live * go_on.index_select(0, cls_row)
-                cls_row = (torch.cumsum(go_on, 0) - 1).index_select(0, cls_row).clamp_(min=0)
-            else:
-                done = (~go_on).nonzero().squeeze(1)
-                final.index_copy_(0, flat.index_select(0, done), out.index_select(0, done))
-                out = out.index_select(0, kept)
-            x, flat = x.index_select(0, kept), flat.index_select(0, kept)
-            cum, rem = cum.index_select(0, kept), rem.index_select(0, kept)
-            lay = Layout(1, kept.numel(), None, None) if B == 1 else packed_layout(flat // N, B)
-        logits = self._head(out.unsqueeze(1) if cls_only else final.view(B, N, C), dtype)
+        B, N, C = z.shape
+        logits = self._head(z.out.unsqueeze(1) if z.cls_only else z.final.view(B, N, C), dtype)
         if want_aux:
-            self.__dict__["_avit_aux"] = {"ponder_mean": ponder_sum / (B * N), "halting_mass": torch.stack(mass)}
-        depths = depths.view(B, N)
-        tokens = tokens_from_depths(depths, depth)
-        rho = depths.to(f32) + rem_final.view(B, N)
-        self._record(tokens, depths, rho, executed=(computed, pairs))
+            self.__dict__["_avit_aux"] = {"ponder_mean": z.ponder_sum / (B * N), "halting_mass": torch.stack(z.mass)}
+        depths = z.depths.view(B, N)
+        rho = depths.to(torch.float32) + z.rem_final.view(B, N)
+        self._record(tokens_from_depths(depths, depth), depths, rho, executed=(z.computed, z.pairs))
         return logits
 
     # -- trace ------------------------------------------------------------------------------------
