@@ -11,6 +11,7 @@ from torch import nn
 from .config import RunConfig
 from .data import digits, moving_digits
 from .errors import UsageError
+from .loading import ShardBatches, decoded_batches, shard_starts
 
 
 class EvalSet:
@@ -32,13 +33,6 @@ class EvalSet:
 
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
         raise NotImplementedError
-
-
-def shard_starts(n: int, batch_size: int, shard: tuple[int, int]) -> range:
-    """First indices of the batches of shard ``(rank, world)``: whole batches dealt round-robin, so
-    every batch is the one a single process sees and per-sample results are bit-identical."""
-    rank, world = shard
-    return range(rank * batch_size, n, world * batch_size)
 
 
 class TensorEvalSet(EvalSet):
@@ -86,13 +80,8 @@ class FolderEvalSet(EvalSet):
         return labels >= 0
 
     def batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)):
-        from torch.utils.data import DataLoader, Subset
-
-        data = self.dataset
-        if shard != (0, 1):
-            data = Subset(data, [i for s in shard_starts(self.n, batch_size, shard) for i in range(s, min(s + batch_size, self.n))])
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=self.workers, persistent_workers=False)
-        for x, y, idx in loader:
+        sampler = ShardBatches.of_shard(self.n, batch_size, shard)
+        for x, y, idx in decoded_batches(self.dataset, sampler, self.workers):
             keep = self._check(y, idx)
             if not bool(keep.all()):
                 x, y = x[keep], y[keep]

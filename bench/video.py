@@ -18,8 +18,9 @@ from torch import nn
 
 from .config import RunConfig
 from .data import kinetics
-from .datasets import EvalSet, shard_starts
+from .datasets import EvalSet
 from .errors import UsageError
+from .loading import ShardBatches, decoded_batches
 
 SAMPLING_KEYS = ("stride", "clips", "crops", "short_side")
 
@@ -46,19 +47,6 @@ def sampling_for(cfg: RunConfig, vit: nn.Module | None) -> kinetics.Sampling:
                              std=tuple(pcfg.get("std", IMAGENET_DEFAULT_STD)), **opts)
 
 
-class ShardBatches:
-    """Whole batches starting at ``starts`` (a rank's shard, bench/parallel.py), as index lists."""
-
-    def __init__(self, starts: range, batch_size: int, n: int):
-        self.starts, self.batch_size, self.n = starts, batch_size, n
-
-    def __iter__(self):
-        return (list(range(s, min(s + self.batch_size, self.n))) for s in self.starts)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-
 class VideoEvalSet(EvalSet):
     def __init__(self, name: str, items: list, sampling: kinetics.Sampling, num_classes: int, info: dict,
                  skip_corrupt: bool, workers: int):
@@ -81,11 +69,8 @@ class VideoEvalSet(EvalSet):
             self.skipped[i] = path
 
     def batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)):
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(self.dataset, batch_sampler=ShardBatches(shard_starts(self.n, batch_size, shard), batch_size, self.n),
-                            num_workers=self.workers, collate_fn=kinetics.collate, persistent_workers=False)
-        for x, y, failed in loader:
+        sampler = ShardBatches.of_shard(self.n, batch_size, shard)
+        for x, y, failed in decoded_batches(self.dataset, sampler, self.workers, kinetics.collate):
             self._failed(failed)
             if x is not None:
                 yield x.flatten(0, 1), y  # (B * views, C, T, H, W)

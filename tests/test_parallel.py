@@ -72,7 +72,7 @@ def test_torchrun_two_gloo_ranks_equal_the_single_process_run(single, tmp_path):
 
 
 def test_shards_deal_whole_batches_round_robin():
-    from bench.datasets import shard_starts
+    from bench.loading import shard_starts
 
     assert list(shard_starts(200, 30, (0, 2))) == [0, 60, 120, 180]
     assert list(shard_starts(200, 30, (1, 2))) == [30, 90, 150]
