@@ -133,13 +133,13 @@ def _summary(records: list[dict], run) -> None:
 
 
 def _paper_table(records: list[dict], run) -> None:
-    """ImageNet runs: the paper's number (METHODS.md section 5) beside ours, per method and budget."""
+    """ImageNet runs: the paper's number (docs/methods/README.md#papers-numbers) beside ours, per method and budget."""
     from .paper import beside
 
     rows = beside(records)
     if not rows:
         return
-    table = Table(title="paper (METHODS.md section 5) vs this run")
+    table = Table(title="paper (docs/methods/README.md#papers-numbers) vs this run")
     for col in ("method", "budget", "top-1 ours", "top-1 paper", "GMACs ours", "GMACs paper", "paper setting"):
         table.add_column(col, justify="right" if col.startswith(("top", "GMACs")) else "left")
     for r in rows:

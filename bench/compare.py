@@ -1,7 +1,7 @@
 """``bench compare BASELINE CURRENT`` and ``bench baseline update``: regression gates that fit ML.
 
-Cells are matched by their identity columns (``store.IDENTITY``). Per metric (PRIOR_ART.md
-section 5 item 14; DESIGN.md "Measurement protocol"):
+Cells are matched by their identity columns (``store.IDENTITY``). Per metric
+(docs/prior_art.md#regression-gates-that-fit-ml; docs/measurement.md#regression-gates):
 
 - accuracy, in points, aware of the confidence interval: a top-1 change counts only when it is
   larger than ``accuracy_points`` and than the confidence interval of the difference. Both runs

@@ -194,7 +194,7 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 def transform_overrides(cfg: RunConfig) -> dict:
     """``[transform]`` / ``--crop-pct`` / ``--interpolation`` on top of the backbone's timm
-    pretrained config (METHODS.md section 0: the repos differ, e.g. crop 0.875 vs 0.9)."""
+    pretrained config (docs/measurement.md#evaluation-preprocessing: the repos differ, e.g. crop 0.875 vs 0.9)."""
     t = dict(cfg.transform)
     if "crop_pct" in t and not 0.0 < float(t["crop_pct"]) <= 1.0:
         raise UsageError(f"crop_pct must lie in (0, 1], got {t['crop_pct']}")

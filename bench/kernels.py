@@ -1,6 +1,6 @@
 """How a model runs on the device: attention kernel, ``torch.compile``, out-of-memory back-off.
 
-Recorded with every cell (DESIGN.md "Measurement protocol": compile mode and attention kernel).
+Recorded with every cell (docs/measurement.md#precision-compile-and-attention-kernel: compile mode and attention kernel).
 
 Attention (``--attention``):
   ``default``  timm's own choice (fused ``F.scaled_dot_product_attention`` unless ``TIMM_FUSED_ATTN=0``);

@@ -1,4 +1,4 @@
-"""Measurement protocol (DESIGN.md "Measurement protocol").
+"""Measurement protocol (docs/measurement.md#measurement-protocol).
 
 Accuracy and per-sample compute come from one pass over the seeded test list, the same for every
 method. Timing runs on real test images already on the device (data loading is outside the timed

@@ -1,7 +1,7 @@
-"""The papers' ImageNet-1k numbers (METHODS.md section 5), printed beside ours by ``bench run``.
+"""The papers' ImageNet-1k numbers (docs/methods/README.md#papers-numbers), printed beside ours by ``bench run``.
 
 Top-1 at 224x224 on the full validation set; GMACs as the papers count them ("GFLOPs" = MACs,
-METHODS.md section 0). Each entry names where the number comes from: compare with a run on the
+docs/counting.md#convention). Each entry names where the number comes from: compare with a run on the
 full 50,000 images and the weights named there (a few test images give a wide interval).
 """
 from __future__ import annotations

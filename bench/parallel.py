@@ -4,8 +4,8 @@
   its shard of the seeded test list; whole batches are dealt round-robin (rank r reads batches r,
   r + N, ...; a folder data set decodes only those files), so each batch is exactly the batch a
   single process would see. Per-sample results are gathered to rank 0 and put back in the
-  single-process order, so the reduced metrics equal the single-process run exactly (DESIGN.md
-  "Measurement protocol": one seeded list for every method). Rank 0 times, measures memory and
+  single-process order, so the reduced metrics equal the single-process run exactly
+  (docs/measurement.md#equal-issue: one seeded list for every method). Rank 0 times, measures memory and
   writes the run; gloo on the CPU, NCCL on GPUs (rank r uses ``cuda:LOCAL_RANK``).
 * ``--devices cuda:0,cuda:1``: the run's model configurations are dealt to one worker process per
   device; each worker writes its cells into ``workers/<i>/`` of the run and the parent merges them

@@ -7,7 +7,7 @@
 5. a few test images with the blocks each token went through drawn over them.
 
 Everything is drawn from the results folder (records + ``raw/``), never by re-running a model
-(see ``bench.tokenmap``). DESIGN.md "Contracts worth keeping stable"; PRIOR_ART.md section 5 item 11.
+(see ``bench.tokenmap``). docs/design.md#contracts; docs/prior_art.md#budget-sweeps-and-pareto-plots.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pandas as pd
 from .errors import UsageError
 from .store import Run, atomic_write
 
-# Units live in column names (DESIGN.md "Contracts worth keeping stable").
+# Units live in column names (docs/design.md#contracts).
 COLUMNS = [
     "method", "arxiv", "backbone", "checkpoint", "mode", "budget", "dataset", "device", "precision", "batch_size",
     "top1", "top1_ci_low", "top1_ci_high", "top5", "gmacs", "gmacs_p50", "gmacs_p90", "gmacs_ratio",

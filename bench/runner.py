@@ -1,4 +1,4 @@
-"""``bench run``: config -> (data, methods, measure) -> results (DESIGN.md "The shape of the code")."""
+"""``bench run``: config -> (data, methods, measure) -> results (docs/design.md#the-shape-of-the-code)."""
 from __future__ import annotations
 
 import datetime as _dt

@@ -3,9 +3,9 @@
 The run stores these maps (``raw/<cell>.npz`` key ``token_blocks``) and the images they belong to
 (``raw/overlay_images.npz``), so a report is drawn from the results folder alone: no model, no
 checkpoint cache and no data set is needed again, and a run measured on another machine (a GPU box)
-is reported anywhere. The maps are read from each method's own trace (DESIGN.md "Contracts worth
-keeping stable"): A-ViT's per-token halting depths, ATS's kept token indices per stage, AdaViT's
-per-block kept-patch masks (METHODS.md sections 1-3).
+is reported anywhere. The maps are read from each method's own trace (docs/design.md#contracts):
+A-ViT's per-token halting depths, ATS's kept token indices per stage, AdaViT's
+per-block kept-patch masks (docs/methods/avit.md#trace-fields, docs/methods/ats.md#trace-fields, docs/methods/adavit.md#trace-fields).
 """
 from __future__ import annotations
 

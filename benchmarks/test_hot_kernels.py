@@ -3,7 +3,7 @@ width 192, 3 heads). Not part of `pytest -q` (testpaths is tests/); `.ci/run` co
 the committed `benchmarks/baseline.json` (README "Regression gates"). Each also checks its output,
 so a benchmark of a broken kernel fails instead of timing it.
 
-METHODS.md 2.2 (ATS sampling), 1.2 (A-ViT halting), 3.1 (AdaViT decisions); the dense block is
+docs/methods/ats.md#sampling (ATS sampling), docs/methods/avit.md#halting (A-ViT halting), docs/methods/adavit.md#decision-network (AdaViT decisions); the dense block is
 timm's own.
 """
 import pytest

@@ -1,4 +1,4 @@
-"""Adaptive vision transformers behind one small public API (DESIGN.md "Python API").
+"""Adaptive vision transformers behind one small public API (docs/design.md#python-api).
 
     import timm, methods
     model = methods.build("deit", timm.create_model("deit_small_patch16_224"))

@@ -3,30 +3,30 @@
 Training-free and parameter-free: an ATS block replaces the attention of a timm ``Block``, scores
 the patch tokens by the CLS attention they receive times the norm of their value vector, samples a
 subset by inverse transform sampling on a fixed grid, and outputs only the kept tokens
-(METHODS.md section 2). The model stays a timm VisionTransformer with its own weights.
+(docs/methods/ats.md#overview). The model stays a timm VisionTransformer with its own weights.
 
-What follows the official code (METHODS.md 2.2) and what is ours
+What follows the official code (docs/methods/ats.md#algorithm) and what is ours
 ------------------------------------------------------------------
-* Scores (2.2 step 3): ``s_j = (sum over heads of A[CLS -> j]) * ||v_j||``, v over all heads
+* Scores (docs/methods/ats.md#scores): ``s_j = (sum over heads of A[CLS -> j]) * ||v_j||``, v over all heads
   concatenated, CLS excluded, normalised to sum 1. ``A`` comes from the policy-aware softmax
-  ``(e + eps/N) / (sum e + eps)`` with eps = 1e-6 (step 2), in float32 as the official code does.
-* Sampling (steps 4-8): scores sorted ascending, cumulative sum min-max normalised (the lowest
+  ``(e + eps/N) / (sum e + eps)`` with eps = 1e-6 (docs/methods/ats.md#policy-aware-softmax), in float32 as the official code does.
+* Sampling (docs/methods/ats.md#sampling): scores sorted ascending, cumulative sum min-max normalised (the lowest
   token gets G = 0), a deterministic grid evenly spaced from y0 (the smallest positive G) to 1, the
   token nearest to each grid point is picked (first index on ties), duplicate picks are dropped
   (not merged), the kept tokens are CLS followed by the distinct picks in ascending score order.
-  Consequence kept on purpose: the lowest-score token is always dropped (test 13).
+  Consequence kept on purpose: the lowest-score token is always dropped (docs/methods/ats.md#check-ats-2-all-equal-scores).
 * Grid size: the released code always uses ``n_ref - 1`` points (``n_ref`` = the backbone's
   initial token count, 197 for DeiT-S), which only works when K is at least the current token
-  count N; with K < N it crashes (METHODS.md 2.3). Here K >= N gives the released behaviour
+  count N; with K < N it crashes (docs/methods/ats.md#budgeted-form). Here K >= N gives the released behaviour
   (``n_ref - 1`` points) and K < N uses a grid of K - 1 points: the paper's budgeted form, which
   the released code never ran. Each forward flags it per sample in ``trace.budgeted_form`` and the
   model says whether its budget can reach it (``model.budgeted_form``). A one-point grid (K = 2)
   is placed at 1, i.e. keeps the top-score token.
-* Attention (step 9): the attention of the kept query rows is taken over *all* N keys and values
+* Attention (docs/methods/ats.md#attention-over-all-keys): the attention of the kept query rows is taken over *all* N keys and values
   of the block input; residual, LN2 and MLP then run on the kept rows only.
-* Padding (step 10): batches are compacted to 1 + max_b K'_b rows, shorter samples padded. The
+* Padding (docs/methods/ats.md#padding-and-batch-dependence): batches are compacted to 1 + max_b K'_b rows, shorter samples padded. The
   released code lets the padded rows enter the next ATS block's sorted CDF with score 0, which
-  shifts y0 so a padded sample keeps a token it would drop alone (test 16: not batch-invariant).
+  shifts y0 so a padded sample keeps a token it would drop alone (docs/methods/ats.md#check-ats-4-batch-invariance: not batch-invariant).
   Its softmax also subtracts the row max over the padded slots (logit 0), so a sample whose real
   logits all lie far below 0 gets its attention distorted by the eps term. Default here
   (``official_padding=False``): padding is left out of the CDF, the row max and the eps/N term
@@ -34,7 +34,7 @@ What follows the official code (METHODS.md 2.2) and what is ours
   ``official_padding=True`` reproduces both released behaviours (CDF over padded slots, row max
   over all slots, eps/N with the padded length).
 
-Two execution modes (DESIGN.md contracts), same kept sets and predictions:
+Two execution modes (docs/design.md#two-execution-modes), same kept sets and predictions:
 * ``compact`` (default): what is dropped is not computed. Blocks before the first ATS stage are
   timm's own. In an ATS block only the CLS row of the attention is computed explicitly (fused SDPA
   cannot return attention probabilities), with the same policy-aware softmax as ``reference``;
@@ -48,7 +48,7 @@ Two execution modes (DESIGN.md contracts), same kept sets and predictions:
   policy-aware softmax, q/k/v rows multiplied by the policy, padding rows zeroed after each
   residual, later blocks masked by the policy softmax, every layer dense over the padded length.
 
-Compute (METHODS.md test 18): per sample, an ATS block with N_in tokens keeping K'+1 counts qkv and
+Compute (docs/methods/ats.md#check-ats-7-block-macs): per sample, an ATS block with N_in tokens keeping K'+1 counts qkv and
 LN1 on N_in, q.k^T on N_in^2, attn.v on (K'+1)*N_in, proj/LN2/MLP on K'+1 (``ViTShape.block``).
 ``trace.gmacs`` follows that count in both modes (``compact`` actually skips the q.k^T rows of
 dropped queries, a saving the count does not claim). Padding is never counted as compute; the
@@ -67,11 +67,12 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .attention import sdpa
+from .attention import Layout, sdpa
 from .base import TracedViT, adapt
+from .execution import attention_tail, block_on_rows, flat_rows, padded_layout, take_rows, unpack
 from .registry import Knob, MethodSpec, register
 
-EPS = 1e-6  # the policy-aware softmax's eps (METHODS.md 2.2 step 2)
+EPS = 1e-6  # the policy-aware softmax's eps (docs/methods/ats.md#policy-aware-softmax)
 MIN_TOKENS = 2  # CLS + one patch token
 
 
@@ -209,7 +210,7 @@ def policy_softmax(
     n_eps: torch.Tensor | int,
     max_over_all: bool,
 ) -> torch.Tensor:
-    """The official policy-aware softmax (METHODS.md 2.2 step 2), in float32.
+    """The official policy-aware softmax (docs/methods/ats.md#policy-aware-softmax), in float32.
 
     ``key_policy`` (broadcastable to ``logits``; 1 = attendable key) multiplies the exponentials;
     ``n_eps`` is the N of the eps/N term (the padded length in the released code, the sample's own
@@ -229,7 +230,7 @@ def policy_softmax(
 
 
 def token_scores(cls_attn: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Normalised significance scores of the patch tokens (METHODS.md 2.2 step 3, test 12).
+    """Normalised significance scores of the patch tokens (docs/methods/ats.md#scores, docs/methods/ats.md#check-ats-1-scores).
 
     cls_attn: (B, H, L) CLS attention row per head; v: (B, H, L, D) values; valid: (B, L) or None.
     Returns (B, L - 1) float32, zero on padding, summing to 1 over each sample's real patches.
@@ -267,7 +268,7 @@ def sample_tokens(
     n_ref: int,
     official_padding: bool,
 ) -> Selection:
-    """Inverse transform sampling on a fixed grid (METHODS.md 2.2 steps 4-8, 2.3).
+    """Inverse transform sampling on a fixed grid (docs/methods/ats.md#sampling, docs/methods/ats.md#budgeted-form).
 
     scores: (B, P) normalised patch scores (P = L - 1 patch slots); valid: (B, L) real-token mask
     or None when no slot is padding; n_in: (B,) real tokens per sample, CLS included. Vectorised
@@ -340,53 +341,6 @@ def sample_tokens(
 # --------------------------------------------------------------------------------------------
 
 
-def _flat_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, R) row indices into (B, n, ...) -> flat indices into (B * n, ...)."""
-    if rows.shape[0] == 1:
-        return rows[0]
-    return (rows + torch.arange(rows.shape[0], device=rows.device).unsqueeze(1) * n).reshape(-1)
-
-
-def _take(t: torch.Tensor, flat: torch.Tensor, b: int) -> torch.Tensor:
-    """Rows of a (B, n, C) tensor by flat index: index_select is far cheaper than a batched gather
-    with an expanded index on the CPU (20 us vs 200 us at batch 32 on the digits ViT)."""
-    if b == 1:
-        return t.index_select(1, flat)
-    return t.reshape(-1, t.shape[-1]).index_select(0, flat).reshape(b, -1, t.shape[-1])
-
-
-class _Packed(NamedTuple):
-    """Compact mode's batch layout once samples keep different counts: the residual stream holds
-    the T real rows only (sample after sample, CLS first in each), and attention scatters them into
-    a zero-padded (B, L) layout with a key-padding mask."""
-
-    counts: torch.Tensor  # (B,) real rows per sample
-    length: int  # L, the largest count
-    valid: torch.Tensor  # (B, L) bool
-    pad_index: torch.Tensor  # (T,) position of each packed row in the flat (B * L) layout
-    offsets: torch.Tensor  # (B,) packed position of each sample's CLS row
-    mask: torch.Tensor  # (B, 1, 1, L) additive attention mask, -inf on padding
-
-    @staticmethod
-    def of(counts: torch.Tensor, length: int, dtype: torch.dtype) -> _Packed:
-        valid = torch.arange(length, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
-        mask = torch.zeros(valid.shape, dtype=dtype, device=counts.device).masked_fill_(~valid, float("-inf"))
-        return _Packed(
-            counts,
-            length,
-            valid,
-            valid.reshape(-1).nonzero().squeeze(1),
-            counts.cumsum(0) - counts,
-            mask[:, None, None, :],
-        )
-
-
-def _unpack(rows: torch.Tensor, packed: _Packed, b: int) -> torch.Tensor:
-    """(T, F) packed rows -> (B, L, F), zeros on padding."""
-    out = rows.new_zeros(b * packed.length, rows.shape[-1]).index_copy_(0, packed.pad_index, rows)
-    return out.view(b, packed.length, -1)
-
-
 def _take_index(origin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] == 1:
         return origin.index_select(1, rows[0])
@@ -397,7 +351,7 @@ _COEFFS: dict[Any, tuple[float, ...]] = {}
 
 
 def _gmacs(shape, t_in: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
-    """Per-sample GMACs, METHODS.md test 18: embed + sum_l block(n_in_l, n_out_l) + final(n_last).
+    """Per-sample GMACs, docs/methods/ats.md#check-ats-7-block-macs: embed + sum_l block(n_in_l, n_out_l) + final(n_last).
 
     ``ViTShape.block(n_in, n_out)`` is a polynomial a*n_in + b*n_in^2 + c*n_in*n_out + d*n_out; its
     coefficients are read off the public closed form once, so a forward pays a handful of tensor
@@ -434,7 +388,7 @@ def _check_backbone(vit) -> None:
 
 
 class ATSViT(TracedViT):
-    """A timm VisionTransformer whose blocks ``ats_config.blocks`` sample tokens (METHODS.md 2)."""
+    """A timm VisionTransformer whose blocks ``ats_config.blocks`` sample tokens (docs/methods/ats.md#overview)."""
 
     bench_method = "ats"
     ats_config: ATSConfig
@@ -442,7 +396,7 @@ class ATSViT(TracedViT):
     @property
     def budgeted_form(self) -> bool:
         """True when the budget can run the paper's budgeted form (K - 1 point grid), which the
-        released code cannot (METHODS.md 2.3); each forward flags it per sample in the trace."""
+        released code cannot (docs/methods/ats.md#budgeted-form); each forward flags it per sample in the trace."""
         return self.ats_config.budgeted_form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -454,7 +408,7 @@ class ATSViT(TracedViT):
         self.__dict__["_n_ref"] = n0  # the released grid has (initial tokens - 1) points
         n_real = torch.full((b,), n0, dtype=torch.int64, device=x.device)
         policy: torch.Tensor | None = None  # reference: the official float policy once a stage ran
-        packed: _Packed | None = None  # compact: x holds only real rows, (T, C), once a batch pads
+        packed: Layout | None = None  # compact: x holds only real rows, (T, C), once a batch pads
         origin: torch.Tensor | None = None  # (B, L) original token index of each slot
         tokens_in, tokens_out, kept_index = [], [], []
         slots, padded = 0, False
@@ -512,12 +466,12 @@ class ATSViT(TracedViT):
             b, n = x.shape[0], x.shape[1]
             valid = None
         else:
-            b, n = packed.counts.shape[0], packed.length
-            valid = packed.valid
+            b, n = packed.batch, packed.length
+            valid = packed.real
         y = blk.norm1(x)
         qkv = attn.qkv(y)
         if packed is not None:
-            qkv = _unpack(qkv, packed, b)  # attention needs the (B, L) layout: padded, masked below
+            qkv = unpack(qkv, packed)  # attention needs the (B, L) layout: padded, masked below
         _, kk, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         kk = attn.k_norm(kk)
         # Only the CLS row of the attention matrix, explicitly (SDPA returns no probabilities).
@@ -537,44 +491,36 @@ class ATSViT(TracedViT):
 
         rows = sel.rows
         r = rows.shape[1]
-        flat = _flat_rows(rows, n)
+        flat = flat_rows(rows, n)
         # Queries of the kept rows only: q.k^T rows of dropped tokens are never computed.
-        q_kept = _take(qkv, flat, b)[..., :a_dim].reshape(b, r, h, d).transpose(1, 2)
+        q_kept = take_rows(qkv, flat, b)[..., :a_dim].reshape(b, r, h, d).transpose(1, 2)
         q_kept = attn.q_norm(q_kept)
         o = self._attend(attn, q_kept, kk, v, packed).transpose(1, 2).reshape(b, r, a_dim)
         # Where the kept rows live in x: flat (B * L) positions, or positions among the packed rows.
         src = flat if packed is None else (rows + packed.offsets.unsqueeze(1)).reshape(-1)
         new_packed = None
         if sel.row_valid is not None:  # samples keep different counts: pack the real rows
-            new_packed = _Packed.of(sel.n_kept, r, q_kept.dtype)
-            src = src.index_select(0, new_packed.pad_index)
-            o = o.reshape(b * r, a_dim).index_select(0, new_packed.pad_index)
+            new_packed = padded_layout(sel.n_kept, r, q_kept.dtype)
+            src = src.index_select(0, new_packed.flat)
+            o = o.reshape(b * r, a_dim).index_select(0, new_packed.flat)
 
         def rows_of(t: torch.Tensor) -> torch.Tensor:
             kept = t.reshape(-1, t.shape[-1]).index_select(0, src)
             return kept if new_packed is not None else kept.view(b, r, -1)
 
         y_kept = rows_of(y) if getattr(attn, "gate", None) is not None else None
-        o = self._attn_out(attn, o, y_kept)
+        o = attention_tail(attn, o, y_kept)
         x = rows_of(x) + blk.drop_path1(blk.ls1(o))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, sel, new_packed
 
     def _block_packed(self, blk, x, packed):
-        """A plain block on packed rows: attention in the padded (B, L) layout with a key-padding
-        mask, everything token-wise (LN, qkv, proj, MLP) on the T real rows only."""
-        attn = blk.attn
-        h, d = attn.num_heads, attn.head_dim
-        b, n = packed.counts.shape[0], packed.length
-        y = blk.norm1(x)
-        qkv = _unpack(attn.qkv(y), packed, b)
-        q, kk, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q, kk = attn.q_norm(q), attn.k_norm(kk)
-        o = self._attend(attn, q, kk, v, packed)
-        o = o.transpose(1, 2).reshape(b * n, h * d).index_select(0, packed.pad_index)
-        o = self._attn_out(attn, o, y if getattr(attn, "gate", None) is not None else None)
-        x = x + blk.drop_path1(blk.ls1(o))
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        """A plain block on packed rows (the execution layer's), with the released softmax over
+        padded slots where ``official_padding`` asks for it (see ``_attend``)."""
+        product = None
+        if self.ats_config.official_padding:
+            product = lambda q, k, v, lay: self._attend(blk.attn, q, k, v, lay)  # noqa: E731
+        return block_on_rows(blk, x, packed, product)
 
     def _attend(self, attn, q, kk, v, packed):
         """softmax(q.k^T) v over every key of the (B, L) layout, padded keys masked.
@@ -588,18 +534,10 @@ class ATSViT(TracedViT):
         if packed is None or not self.ats_config.official_padding:
             mask = None if packed is None else packed.mask
             return sdpa(q, kk, v, mask, drop, attn.scale)
-        pad = ~packed.valid[:, None, None, :]
+        pad = ~packed.real[:, None, None, :]
         logits = ((q * attn.scale) @ kk.transpose(-2, -1)).masked_fill(pad, 0.0)
-        a = policy_softmax(logits, packed.valid[:, None, None, :].to(torch.float32), packed.length, True)
+        a = policy_softmax(logits, packed.real[:, None, None, :].to(torch.float32), packed.length, True)
         return attn.attn_drop(a).to(v.dtype) @ v.masked_fill(pad.transpose(-2, -1), 0.0)
-
-    @staticmethod
-    def _attn_out(attn, o: torch.Tensor, y_rows: torch.Tensor | None) -> torch.Tensor:
-        """timm Attention's tail after the attention product: norm, optional gate, proj, dropout."""
-        o = attn.norm(o)
-        if y_rows is not None:
-            o = o * attn.gate(y_rows).sigmoid()
-        return attn.proj_drop(attn.proj(o))
 
     # -- reference: the official semantics ---------------------------------------------------
 
@@ -641,13 +579,13 @@ class ATSViT(TracedViT):
         o = (a_kept.to(v.dtype) @ v).transpose(1, 2).reshape(b, rows.shape[1], h * d)
         y_kept = None
         if getattr(attn, "gate", None) is not None:
-            y_kept = _take(y, _flat_rows(rows, y.shape[1]), b)
-        o = self._attn_out(attn, o, y_kept)
+            y_kept = take_rows(y, flat_rows(rows, y.shape[1]), b)
+        o = attention_tail(attn, o, y_kept)
         new_p = torch.ones(rows.shape, dtype=x.dtype, device=x.device)
         if sel.row_valid is not None:
             new_p = new_p * sel.row_valid
         new_p = new_p[..., None]
-        x_kept = _take(x, _flat_rows(rows, x.shape[1]), b) * new_p  # sentinel rows are zero
+        x_kept = take_rows(x, flat_rows(rows, x.shape[1]), b) * new_p  # sentinel rows are zero
         x = (x_kept + blk.drop_path1(blk.ls1(o))) * new_p
         x = (x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))) * new_p
         return x, sel
@@ -658,7 +596,7 @@ class ATSViT(TracedViT):
         b, n, _ = x.shape
         y, a, v = self._policy_attention(blk, x, policy, n_real)
         o = (attn.attn_drop(a).to(v.dtype) @ v).transpose(1, 2).reshape(b, n, -1)
-        o = self._attn_out(attn, o, y if getattr(attn, "gate", None) is not None else None)
+        o = attention_tail(attn, o, y)
         p = policy[..., None]
         x = (x + blk.drop_path1(blk.ls1(o))) * p
         return (x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))) * p
@@ -724,7 +662,7 @@ SPEC = register(
                 bool,
                 False,
                 "reproduce the released padding quirk: padded slots enter the next stage's CDF with score 0, "
-                "so batched results depend on batch mates (METHODS.md test 16); default excludes padding",
+                "so batched results depend on batch mates (docs/methods/ats.md#check-ats-4-batch-invariance); default excludes padding",
             ),
         ),
         modes=("compact", "reference"),

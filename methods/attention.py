@@ -99,8 +99,8 @@ class Layout:
 
     ``flat``: (T,) slot of each row in the (batch * length) buffer, or None when the rows are the
     buffer (no padding); ``pad``: the other slots, given with ``flat``. ``mask``: (batch, 1, 1,
-    length) key mask, True = real (or an additive bias); for the block-diagonal layout (batch 1, length = all rows) a (1, 1, T, T) same-sample
-    mask. ``groups``: when the samples' row counts differ a lot, the buffer holds two length
+    length) key mask, True = real (or an additive bias); for the block-diagonal layout (batch 1,
+    length = all rows) a (1, 1, T, T) same-sample mask. ``groups``: when the samples' row counts differ a lot, the buffer holds two length
     groups one after the other, each padded to its own length: a list of (first slot of the
     group, the group's layout over its part of the buffer); ``flat`` and ``pad`` then index the
     whole buffer (``batch`` and ``length`` keep the single buffer's shape)."""
@@ -111,6 +111,8 @@ class Layout:
     mask: torch.Tensor | None = None
     groups: list[tuple[int, "Layout"]] | None = None
     pad: torch.Tensor | None = None
+    real: torch.Tensor | None = None  # (batch, length) bool, True on real slots (plain padded layouts)
+    offsets: torch.Tensor | None = None  # (batch,) packed position of each sample's first row (idem)
 
     @property
     def slots(self) -> int:
@@ -200,11 +202,12 @@ def _length_groups(sample: torch.Tensor, counts: torch.Tensor, batch: int, lengt
 
 
 def packed_attention(
-    qkv: torch.Tensor, lay: Layout, num_heads: int, head_dim: int, q_norm=None, k_norm=None, dropout_p: float = 0.0
+    qkv: torch.Tensor, lay: Layout, num_heads: int, head_dim: int, q_norm=None, k_norm=None, dropout_p: float = 0.0, product=None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt d) v per sample for packed rows: ``qkv`` (T, 3 * heads * d) as timm's
     fused qkv projection gives it; returns (T, heads * d). Products run in ``lay``'s buffer: the
-    rows scattered into it (padding slots zeroed), one product per length group, rows gathered back."""
+    rows scattered into it (padding slots zeroed), one product per length group, rows gathered back.
+    ``product(q, k, v, layout)`` (normed q, k) replaces the masked softmax attention if given."""
     if lay.flat is not None:  # only the padding slots need zeroing (finite keys and values)
         buf = qkv.new_empty(lay.slots, qkv.shape[-1]).index_copy_(0, lay.flat, qkv)
         qkv = buf.index_fill_(0, lay.pad, 0.0)
@@ -213,18 +216,21 @@ def packed_attention(
         for offset, sub in lay.groups:
             part = slice(offset, offset + sub.slots)
             o[part].view(sub.batch, sub.length, num_heads, head_dim).copy_(
-                _attend(qkv[part], sub, num_heads, head_dim, q_norm, k_norm, dropout_p).transpose(1, 2)
+                _attend(qkv[part], sub, num_heads, head_dim, q_norm, k_norm, dropout_p, product).transpose(1, 2)
             )
     else:
-        o = _attend(qkv, lay, num_heads, head_dim, q_norm, k_norm, dropout_p).transpose(1, 2).reshape(lay.slots, num_heads * head_dim)
+        o = _attend(qkv, lay, num_heads, head_dim, q_norm, k_norm, dropout_p, product)
+        o = o.transpose(1, 2).reshape(lay.slots, num_heads * head_dim)
     return o if lay.flat is None else o.index_select(0, lay.flat)
 
 
-def _attend(qkv: torch.Tensor, lay: Layout, num_heads: int, head_dim: int, q_norm, k_norm, dropout_p: float) -> torch.Tensor:
+def _attend(qkv: torch.Tensor, lay: Layout, num_heads: int, head_dim: int, q_norm, k_norm, dropout_p: float, product=None) -> torch.Tensor:
     """The product over a (batch * length, 3 * heads * d) buffer: (batch, heads, length, d)."""
     q, k, v = qkv.view(lay.batch, lay.length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
+    if product is not None:
+        return product(q, k, v, lay)
     mask = lay.mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)

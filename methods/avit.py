@@ -1,22 +1,22 @@
 """A-ViT (Yin et al., CVPR 2022, arXiv 2112.07658; titled "AdaViT" on arXiv): per-token halting.
 
-METHODS.md section 1 describes what the official code (NVlabs/A-ViT @ 120c9cb) does; this module
+docs/methods/avit.md#overview describes what the official code (NVlabs/A-ViT @ 120c9cb) does; this module
 reimplements it on a stock timm VisionTransformer without adding parameters, so a timm state dict
 (DeiT, or the embedded-default digits backbone) loads unchanged.
 
-Halting (METHODS.md 1.2): after block l the score of token k is h = sigmoid(gamma * x0 - beta),
+Halting (docs/methods/avit.md#halting): after block l the score of token k is h = sigmoid(gamma * x0 - beta),
 x0 = channel 0 of the token's block output (residual stream, before any norm); h is forced to 1 at
 the last block. Cumulative scores c; a token halts at the first block where c > 1 - eps and then
 contributes its remainder R = 1 - (scores before) to a halting-weighted output
 o = sum_l h_l x_l + R x_N. Every token, CLS included, can halt. Prediction = head(norm(o_CLS)).
 
-Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
+Two execution modes (docs/design.md#two-execution-modes, docs/design.md#two-execution-modes):
 
 * ``reference``: the official masked execution. Halted tokens stay in the tensor and are zeroed,
   their LayerNorm outputs (hence MLP inputs) are zeroed and every halted *key* gets a -1000 logit
   bias. Costs at least the dense model's time; reproduces the official "garbage" outputs of halted
   rows, which the official prior (``official_prior_quirk``) reads, so training with it runs here.
-* ``compact``: "token zipping" (announced in the README, never released, METHODS.md 1.5). Halted
+* ``compact``: "token zipping" (announced in the README, never released, docs/methods/avit.md#compact-token-zipping). Halted
   tokens are physically removed. Active tokens of the batch are kept *packed* (one row per active
   token, samples one after another), so LayerNorms, qkv, proj and the MLP run only on active rows;
   only the attention product needs a per-sample layout, for which the packed rows are scattered
@@ -27,17 +27,17 @@ Two execution modes (DESIGN.md "Contracts", METHODS.md section 7 item 1):
   the trace is the share of the executed block MACs no sample needed (padded attention pairs, and
   halted rows that deferred compaction kept computing).
 
-Both modes give the same logits and the same per-token halting depths (METHODS.md test 7), and
+Both modes give the same logits and the same per-token halting depths (docs/methods/avit.md#check-avit-5-masked-equals-removed), and
 the same training gradients (halted rows get no gradient in either), so training with the
 corrected prior runs the cheaper compact execution. The per-sample MACs come from the depths by
-the closed form of METHODS.md 1.5 (block l costs block(N_l), N_l = tokens still active; the final
+the closed form of docs/methods/avit.md#compute (block l costs block(N_l), N_l = tokens still active; the final
 norm and head see the CLS token only) in both modes; only ``compact`` saves time. The gate itself
 (one multiply-add and a sigmoid per token and block) is not counted, as fvcore would not.
 
-Training (METHODS.md 1.3, 1.4, section 4): task loss + ponder loss (mean over batch and tokens of
+Training (docs/methods/avit.md#training-objective, docs/methods/avit.md#released-settings, docs/methods/avit.md#laplace-prior-student-repository): task loss + ponder loss (mean over batch and tokens of
 N + R; gradient only through R) + a KL prior on the per-layer halting-score distribution, with
 the official Gaussian target (rescaled as in the official ``get_distribution_target``) or the
-student repo's variance-matched Laplace log-density (METHODS.md section 4, test 24).
+student repo's variance-matched Laplace log-density (docs/methods/avit.md#laplace-prior-student-repository, docs/methods/avit.md#check-avit-8-laplace-prior).
 
 Defaults for the 6-block embedded default (the official values are for 12-block DeiT):
 * the prior's target is the official "index 8 of 12" scaled to the depth: ``target_depth``
@@ -50,23 +50,25 @@ Defaults for the 6-block embedded default (the official values are for 12-block 
 from __future__ import annotations
 
 import math
-import time
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Layout, packed_attention, packed_layout
+from .attention import Layout, packed_layout
 from .base import TracedViT, adapt
+from .execution import block_on_rows, check_timm_blocks, masked_block
+from .training import Recipe, fit, timed, validate
 from .registry import Knob, MethodSpec, register
 
-EPS = 0.01  # METHODS.md 1.2: hard-coded in the official code
+EPS = 0.01  # docs/methods/avit.md#halting: hard-coded in the official code
 DEFER_SHARE = 1 / 16  # compact: halted rows kept in place (masked) while at most this share of the batch's rows
-KEY_MASK_BIAS = -1000.0  # METHODS.md 1.2 step 2: logit bias of halted keys in the official code
+KEY_MASK_BIAS = -1000.0  # docs/methods/avit.md#masked-block: logit bias of halted keys in the official code
 OFFICIAL_DEPTH = 12
-OFFICIAL_TARGET_INDEX = 8  # 0-based layer index of the official Gaussian target (METHODS.md 1.3)
-OFFICIAL_Q_CLAMP = (0.01, 0.99)  # METHODS.md 1.3
+OFFICIAL_TARGET_INDEX = 8  # 0-based layer index of the official Gaussian target (docs/methods/avit.md#distributional-prior)
+OFFICIAL_Q_CLAMP = (0.01, 0.99)  # docs/methods/avit.md#distributional-prior
 
 # Gate defaults for the embedded-default digits backbone (6 blocks, width 96). Channel 0 of its
 # residual stream reaches about 7 on inked patches (99th percentile 7.4 after block 1), and a gate
@@ -86,7 +88,7 @@ def default_target_depth(depth: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Halting bookkeeping (METHODS.md 1.2 steps 5-8), shared by both execution modes.
+# Halting bookkeeping (docs/methods/avit.md#halting-bookkeeping), shared by both execution modes.
 
 
 def halting_weights(
@@ -99,7 +101,7 @@ def halting_weights(
     block), ``reached`` (halts here and adds its remainder), ``reached_rem`` (that remainder, 0
     elsewhere) and the block's output weight (h while going on, the remainder where it halts). A
     token whose cumulative score equals 1 - eps exactly is neither going on nor reached: the
-    official code drops it without adding its remainder (METHODS.md 1.2, edge case), and so does
+    official code drops it without adding its remainder (docs/methods/avit.md#threshold-edge-case), and so does
     this function. What a token that goes on has left is ``rem - h``.
     """
     threshold = 1.0 - eps
@@ -135,7 +137,7 @@ def halting_scores(x: torch.Tensor, gate_scale: float, gate_center: float) -> to
 
 
 # --------------------------------------------------------------------------------------------
-# Priors and losses (METHODS.md 1.3 and section 4).
+# Priors and losses (docs/methods/avit.md#training-objective, docs/methods/avit.md#laplace-prior-student-repository).
 
 
 def prior_target(depth: int, target_depth: float, prior: str = "gaussian", std: float = 1.0) -> torch.Tensor:
@@ -145,9 +147,9 @@ def prior_target(depth: int, target_depth: float, prior: str = "gaussian", std: 
     index ``target_depth - 1`` (0-based) and ``std`` at indices 0..depth-1, rescaled so that the
     entries *before* the mean index sum to 0.98. For depth 12 and target 9 this is the official
     vector [0, 0, 0, 0, 0.0004, 0.0145, 0.1761, 0.789, 1.3009, 0.789, 0.1761, 0.0145], total 3.26
-    (not a distribution, METHODS.md 1.3).
+    (not a distribution, docs/methods/avit.md#distributional-prior).
 
-    ``laplace`` (student repo, METHODS.md section 4): the un-normalised density of
+    ``laplace`` (student repo, docs/methods/avit.md#laplace-prior-student-repository): the un-normalised density of
     Laplace(mu = target_depth, b = std / sqrt(2)) (variance-matched to the normal) at depths
     1..depth, i.e. log p(d) = -log(2b) - |d - mu| / b.
     """
@@ -169,7 +171,7 @@ def prior_target(depth: int, target_depth: float, prior: str = "gaussian", std: 
 def halting_distribution(
     scores: torch.Tensor, active: torch.Tensor, num_prefix_tokens: int = 1, official_quirk: bool = False
 ) -> torch.Tensor:
-    """Per-layer mean halting score q (L,), before normalisation (METHODS.md 1.3, issue #4).
+    """Per-layer mean halting score q (L,), before normalisation (docs/methods/avit.md#official-prior-quirk, issue #4).
 
     ``scores``: (L, B, N) raw (un-forced) halting scores; ``active``: (L, B, N) bool, whether the
     token was active in that block.
@@ -190,7 +192,7 @@ def halting_distribution(
 
 def prior_loss(q: torch.Tensor, target: torch.Tensor, clamp: tuple[float, float] = OFFICIAL_Q_CLAMP) -> torch.Tensor:
     """KL(target || q) as PyTorch's kl_div with 'batchmean' on a length-L vector computes it:
-    (1/L) * sum_l p_l (log p_l - log q_l), with q normalised to sum 1 and clamped (METHODS.md 1.3)."""
+    (1/L) * sum_l p_l (log p_l - log q_l), with q normalised to sum 1 and clamped (docs/methods/avit.md#distributional-prior)."""
     q = q / q.sum()
     q = q.clamp(*clamp)
     p = target.to(device=q.device, dtype=q.dtype)
@@ -198,36 +200,8 @@ def prior_loss(q: torch.Tensor, target: torch.Tensor, clamp: tuple[float, float]
 
 
 def ponder_loss(ponder: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and tokens of rho = N + R (METHODS.md 1.3); only R carries gradient."""
+    """Mean over batch and tokens of rho = N + R (docs/methods/avit.md#ponder-loss); only R carries gradient."""
     return ponder.mean()
-
-
-# --------------------------------------------------------------------------------------------
-# Blocks
-
-
-def _attention(attn: nn.Module, y: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """timm ``Attention`` on packed rows ``y`` (T, C); the products run in ``lay``'s buffer(s)."""
-    o = packed_attention(attn.qkv(y), lay, attn.num_heads, attn.head_dim, attn.q_norm, attn.k_norm, attn.attn_drop.p if attn.training else 0.0)
-    o = attn.norm(o)
-    if getattr(attn, "gate", None) is not None:
-        o = o * attn.gate(y).sigmoid()
-    return attn.proj_drop(attn.proj(o))
-
-
-def _block_packed(blk: nn.Module, x: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """A timm pre-LN ``Block`` on packed active rows (compact mode)."""
-    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lay)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-
-def _block_masked(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """The official masked block (METHODS.md 1.2 step 2) on (B*N, C) rows; ``keep`` (B*N, 1) is 1
-    for active tokens, ``lay.mask`` the -1000 bias on halted keys. The official code also zeroes
-    the LayerNorm *inputs* of halted rows; zeroing a row-wise norm's outputs makes that redundant
-    (issue #13), so only the outputs are multiplied: same values, half the passes."""
-    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x) * keep, lay)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x) * keep)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +213,7 @@ class AViT(TracedViT):
 
     After a forward in training mode, ``self._avit_aux`` holds what the losses need, with
     gradients: ``ponder_mean`` (mean over batch and tokens of rho = N + R, gradient through R) and
-    ``halting_mass`` (L,), the per-layer mean halting score q of METHODS.md 1.3 (official or
+    ``halting_mass`` (L,), the per-layer mean halting score q of docs/methods/avit.md#distributional-prior (official or
     corrected per ``official_prior_quirk``; the official one needs the reference execution).
     Reference mode also keeps ``ponder`` (B, N), ``scores`` (L, B, N) and ``active`` (L, B, N).
     """
@@ -247,12 +221,7 @@ class AViT(TracedViT):
     bench_method = "avit"
 
     def bench_setup(self, mode: str, knobs: dict[str, Any]) -> None:
-        from timm.models.vision_transformer import Attention, Block
-
-        for i, blk in enumerate(self.blocks):
-            pre_ln = isinstance(blk, Block) and type(blk).forward is Block.forward
-            if not pre_ln or type(blk.attn).forward is not Attention.forward:
-                raise TypeError(f"avit supports timm's pre-LN Block with Attention; block {i} is {type(blk).__name__}")
+        check_timm_blocks(self, "avit")
         super().bench_setup(mode, knobs)
         self.__dict__["_avit_aux"] = None
 
@@ -291,13 +260,13 @@ class AViT(TracedViT):
         scores, actives = [], []
         for l, blk in enumerate(self.blocks):
             keep = active.to(dtype).unsqueeze(-1)
-            x = x * keep  # step 1 (the official code writes .data; here the graph sees the zeros)
+            x = x * keep  # docs/methods/avit.md#masked-block (the official code writes .data; here the graph sees the zeros)
             bias = torch.where(active, 0.0, KEY_MASK_BIAS).to(dtype).view(B, 1, 1, N)
-            x = _block_masked(blk, x, keep, Layout(B, N, None, bias))
+            x = masked_block(blk, x, keep, Layout(B, N, None, bias))
             h_raw = halting_scores(x, gamma, beta)
             h = torch.ones_like(h_raw) if l == depth - 1 else h_raw
-            # Step 4 (block output times the active mask) is left out: halting_update gives halted
-            # rows weight 0, and the next block's step 1 zeroes them (the active set only shrinks).
+            # docs/methods/avit.md#masked-block (block output times the active mask) is left out: halting_update gives halted
+            # rows weight 0, and the next block's docs/methods/avit.md#masked-block zeroes them (the active set only shrinks).
             if want_aux:
                 scores.append(h_raw.view(B, N))
                 actives.append(active.view(B, N))
@@ -379,7 +348,7 @@ class AViT(TracedViT):
         ponder_sum = torch.zeros((), dtype=f32, device=dev)
         mass = []
         for l, blk in enumerate(self.blocks):
-            x = _block_packed(blk, x, lay)
+            x = block_on_rows(blk, x, lay)
             rows = x.shape[0]
             pairs += lay.pairs
             computed += rows
@@ -498,9 +467,9 @@ class AViT(TracedViT):
 
 
 # --------------------------------------------------------------------------------------------
-# Training (METHODS.md 1.3 / 1.4, scaled to the embedded default)
+# Training (docs/methods/avit.md#training-objective, docs/methods/avit.md#defaults-on-the-embedded-default, scaled to the embedded default)
 
-# METHODS.md 1.4 scaled to a one-epoch fine-tune of the embedded default (about 310 steps instead
+# docs/methods/avit.md#released-settings scaled to a one-epoch fine-tune of the embedded default (about 310 steps instead
 # of 100 epochs): the official weights (ponder 5e-4, prior 1e-3) barely move the halting in that
 # time, so both are 40x larger with about the official prior/ponder ratio (1.5 here, 2 there).
 # Stronger ponder weights (>= 0.05) or a gate that starts partly open halted every token, CLS
@@ -538,82 +507,42 @@ def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
     target_depth = knobs["target_depth"] or default_target_depth(depth)
     target = prior_target(depth, target_depth, knobs["prior"], knobs["prior_std"])
     saved_mode, saved_center = model.bench_mode, knobs["gate_center"]
-    train_mode = "reference" if knobs["official_prior_quirk"] else "compact"
-    model.bench_mode, knobs["gate_center"] = train_mode, knobs["train_gate_center"]
-    torch.manual_seed(int(s["seed"]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
-    epochs = int(s["epochs"])
-    total = max(1, epochs * int(data.steps_per_epoch))
-    warmup = max(1, int(s["warmup_steps"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup))),
-    )
-    history = []
-    start = time.perf_counter()
+    model.bench_mode = "reference" if knobs["official_prior_quirk"] else "compact"
+    knobs["gate_center"] = knobs["train_gate_center"]
+    recipe = Recipe(steps=max(1, int(s["epochs"]) * int(data.steps_per_epoch)), warmup_steps=int(s["warmup_steps"]),
+                    grad_clip=float(s["grad_clip"] or 0.0), seed=int(s["seed"]))
+
+    def optimizer() -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
+
     try:
-        for epoch in range(epochs):
-            model.train()
-            sums = {"loss": 0.0, "task": 0.0, "ponder": 0.0, "prior": 0.0, "depth": 0.0}
-            steps = 0
-            for images, labels in data.batches(epoch):
-                logits = model(images)
-                aux = model._avit_aux
-                task = F.cross_entropy(logits, labels, label_smoothing=float(s["label_smoothing"]))
-                ponder = aux["ponder_mean"]
-                prior = prior_loss(aux["halting_mass"], target)
-                loss = task + float(s["ponder_weight"]) * ponder + float(s["prior_weight"]) * prior
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if s["grad_clip"]:
-                    nn.utils.clip_grad_norm_(params, float(s["grad_clip"]))
-                opt.step()
-                sched.step()
-                steps += 1
-                for key, v in (("loss", loss), ("task", task), ("ponder", ponder), ("prior", prior)):
-                    sums[key] += float(v.detach())
-                sums["depth"] += float(model._bench_trace.depths.float().mean())
-                progress.advance(1)
-                if steps % 10 == 0:
-                    progress.note(f"epoch {epoch + 1}: loss {sums['loss'] / steps:.3f}, mean depth {sums['depth'] / steps:.2f}")
-            row = {"epoch": epoch + 1, **{k: round(v / max(1, steps), 4) for k, v in sums.items()}}
-            history.append(row)
+        history, seconds = timed(lambda: fit(model, data.batches, optimizer, recipe, partial(step_loss, target=target, settings=s), progress))
         model.__dict__["_avit_aux"] = None
         model.bench_mode = "compact"
-        val = evaluate(model, data.val_batches())
+        val = validate(model, data.val_batches(), val_stats)
     finally:
         model.eval()
         model.__dict__["_avit_aux"] = None
         model.bench_mode, knobs["gate_center"] = saved_mode, saved_center
     progress.note(f"val top-1 {val['val_top1']:.1%}, mean depth {val['val_mean_depth']:.2f} of {depth}")
-    return {
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "target_depth": target_depth,
-        "history": history,
-        **val,
-    }
+    return {"train_seconds": seconds, "target_depth": target_depth, "history": history, **val}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Any) -> dict:
-    """Top-1, mean token depth and GMACs ratio of ``model`` (as configured) over ``batches``."""
-    model.eval()
-    correct = n = 0
-    depth_sum = gmacs_sum = 0.0
-    for images, labels in batches:
-        logits = model(images)
-        tr = model._bench_trace
-        correct += int((logits.argmax(-1) == labels).sum())
-        n += int(labels.shape[0])
-        depth_sum += float(tr.depths.float().mean(dim=1).sum())
-        gmacs_sum += float(tr.gmacs.sum())
-    dense = model.bench_shape.dense_gmacs()
-    return {
-        "val_top1": correct / max(1, n),
-        "val_mean_depth": depth_sum / max(1, n),
-        "val_gmacs_ratio": gmacs_sum / max(1, n) / dense,
-    }
+def step_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, settings: dict) -> tuple[torch.Tensor, dict]:
+    """Task loss + ponder loss + KL prior on the halting distribution (the paper's Eq. 6-7)."""
+    logits = model(images)
+    aux = model._avit_aux
+    task = F.cross_entropy(logits, labels, label_smoothing=float(settings["label_smoothing"]))
+    ponder = aux["ponder_mean"]
+    prior = prior_loss(aux["halting_mass"], target)
+    loss = task + float(settings["ponder_weight"]) * ponder + float(settings["prior_weight"]) * prior
+    logged = {k: float(v.detach()) for k, v in (("loss", loss), ("task", task), ("ponder", ponder), ("prior", prior))}
+    return loss, {**logged, "depth": float(model._bench_trace.depths.float().mean())}
+
+
+def val_stats(trace: Any) -> dict[str, torch.Tensor]:
+    return {"val_mean_depth": trace.depths.float().mean(dim=1)}
 
 
 # --------------------------------------------------------------------------------------------

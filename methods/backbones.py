@@ -2,7 +2,7 @@
 
 The digits ViT is a stock timm ``VisionTransformer`` whose patch embedding is a small convolutional
 stem (three 3x3 stride-2 convolutions, ViTc-style) that still emits one token per 8x8 patch:
-DESIGN.md "The embedded default" reports that a plain linear patch embedding barely learns this
+docs/design.md#the-embedded-default reports that a plain linear patch embedding barely learns this
 task in a few epochs while the stem reaches about 96%.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load strictly; a mismatch lists the missing and unexpected keys (METHODS.md section 6)."""
+    """Load strictly; a mismatch lists the missing and unexpected keys (docs/methods/README.md#weights-and-checkpoints)."""
     from .convert import load_strict
 
     state = read_state_dict(path)

@@ -1,6 +1,6 @@
 """The shared face of every adapted model: a timm VisionTransformer whose class is swapped for a
 subclass that records a :class:`~methods.trace.Trace` on each forward (ToMe's patching style, see
-DESIGN.md "Style we admire"), so the state dict keeps timm's key layout."""
+docs/design.md#style), so the state dict keeps timm's key layout."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,6 +1,6 @@
 """Checkpoints from the wild into our models: read safely, rename keys, load strictly.
 
-What users bring (METHODS.md sections 1.6, 3.6 and 6):
+What users bring (docs/methods/avit.md#checkpoints, docs/methods/adavit.md#checkpoints, docs/methods/README.md#weights-and-checkpoints):
 
 * timm / DeiT ``.pth`` (DeiT: ``{"model": ...}``; timm training: ``state_dict`` / ``state_dict_ema``;
   DDP / ``torch.compile`` prefixes ``module.`` / ``_orig_mod.``) and ``.safetensors``. Read with
@@ -9,19 +9,19 @@ What users bring (METHODS.md sections 1.6, 3.6 and 6):
   needs any other code to unpickle is refused, never executed.
 * official A-ViT checkpoints (NVlabs/A-ViT): timm's ViT key layout (qkv, proj, fc1, fc2), no extra
   parameters; the gate (gamma, beta) is in the file name: ``tiny-10-30.pth`` -> 10 / 30,
-  ``small-10-75.pth`` -> 10 / 75, the demo ``visualization-tiny.pth`` -> 5 / 50 (METHODS.md 1.4).
+  ``small-10-75.pth`` -> 10 / 75, the demo ``visualization-tiny.pth`` -> 5 / 50 (docs/methods/avit.md#released-settings).
 * official AdaViT checkpoints (MengLcool/AdaViT, ``ada_step_deit_*``): separate ``attn.query`` /
   ``attn.key`` / ``attn.value`` linears, per-block gates ``attn.token_select.mlp_head`` (patch),
   ``head_select.mlp_head`` (heads) and ``layer_select.mlp_head`` (MSA / FFN), EMA weights under
-  ``state_dict_ema`` (the official evaluation prefers them, METHODS.md 3.3). They become timm's
+  ``state_dict_ema`` (the official evaluation prefers them, docs/methods/adavit.md#checkpoints). They become timm's
   fused ``attn.qkv`` (rows q, k, v in that order, as timm's Attention splits them) and our
   ``adavit_gates.{i}.{patch,head,block}`` (methods/adavit.py).
 
 * official TimeSformer checkpoints (facebookresearch/TimeSformer ``.pyth``): PySlowFast's
   ``{"model_state": ..., "optimizer_state": ..., "cfg": ...}``; the official key names under the
-  ``model.`` prefix of its wrapper module (methods/timesformer.py removes it).
+  ``model.`` prefix of its wrapper module (methods/timesformer.py removes it; docs/timesformer.md#checkpoints).
 
-Everything is loaded strictly after renaming (METHODS.md section 6: the official repos load with
+Everything is loaded strictly after renaming (docs/methods/README.md#weights-and-checkpoints: the official repos load with
 ``strict=False`` somewhere; we fail loudly instead): missing, unexpected and mis-shaped keys are
 listed in one message.
 """
@@ -46,7 +46,7 @@ _ADAVIT_GATES = {
 _ADAVIT_GATE = re.compile(r"^blocks\.(\d+)\.(attn\.token_select\.mlp_head|head_select\.mlp_head|layer_select\.mlp_head)\.(weight|bias)$")
 # A-ViT release names: <anything>-<gamma>-<beta>.pth (README "tiny-10-30.pth", "small-10-75.pth").
 _AVIT_NAME = re.compile(r"-(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)\.pth(?:\.tar)?$")
-_AVIT_DEMO = {"visualization-tiny.pth": (5.0, 50.0)}  # METHODS.md 1.4: the demo checkpoint
+_AVIT_DEMO = {"visualization-tiny.pth": (5.0, 50.0)}  # docs/methods/avit.md#released-settings: the demo checkpoint
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -123,7 +123,7 @@ def avit_gate_from_name(path: str | Path | None) -> tuple[float, float] | None:
 
 
 def implied_budgets(path: str | Path | None) -> dict[str, list[str]]:
-    """Budgets a checkpoint's file name fixes: the official A-ViT gate (METHODS.md 1.4, test 10)."""
+    """Budgets a checkpoint's file name fixes: the official A-ViT gate (docs/methods/avit.md#released-settings, docs/methods/avit.md#check-avit-9-released-checkpoints)."""
     gate = avit_gate_from_name(path)
     if gate is None:
         return {}

@@ -1,4 +1,4 @@
-"""The dense reference (`deit`): any timm VisionTransformer, run unchanged (DESIGN.md method ids)."""
+"""The dense reference (`deit`): any timm VisionTransformer, run unchanged (docs/design.md#method-ids)."""
 from __future__ import annotations
 
 import torch

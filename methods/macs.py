@@ -1,4 +1,4 @@
-"""Closed-form multiply-accumulate counts for timm VisionTransformers (METHODS.md section 0).
+"""Closed-form multiply-accumulate counts for timm VisionTransformers (docs/counting.md#closed-forms).
 
 Convention (fvcore's, which is what all three papers call "GFLOPs"): one multiply-add = 1, linear
 layers count ``rows * in * out`` (bias free), LayerNorm counts 5 per element, BatchNorm in eval 2
@@ -9,7 +9,7 @@ adds and the attention scale count 0. For a pre-LN block with N tokens, width C,
     block(N) = 3*N*C*A + 2*N^2*A + N*A*C + 2*N*C*H + 10*N*C
              = (3 + 1 + 2r)*N*C^2 + 2*N^2*C + 10*N*C       when A = C, H = r*C
 
-which gives DeiT-T 1.258, DeiT-S 4.608, DeiT-B 17.582 GMACs at 224 (METHODS.md test 1). The
+which gives DeiT-T 1.258, DeiT-S 4.608, DeiT-B 17.582 GMACs at 224 (docs/counting.md#check-macs-1-dense-deit-gmacs). The
 functions below take plain ints or tensors of token counts, so a per-sample trace turns into
 per-sample GMACs without touching the model.
 """
@@ -61,7 +61,7 @@ class ViTShape:
     def block(self, n_in: Count, n_out: Count | None = None) -> Count:
         """One pre-LN block. With ``n_out`` < ``n_in`` (ATS-style sampling inside the block), the
         queries kept after attention are ``n_out``: qkv and LN1 on n_in, q@k^T on n_in^2, attn@v on
-        n_out*n_in, proj / LN2 / MLP on n_out (METHODS.md test 18)."""
+        n_out*n_in, proj / LN2 / MLP on n_out (docs/methods/ats.md#check-ats-7-block-macs)."""
         c, a, h = self.embed_dim, self.attn_dim, self.mlp_hidden
         if n_out is None:
             n_out = n_in
@@ -97,7 +97,7 @@ class ViTShape:
 
 @dataclass(frozen=True)
 class DividedViTShape(ViTShape):
-    """TimeSformer's divided space-time block (methods/timesformer.py, docs/timesformer.md "GMACs").
+    """TimeSformer's divided space-time block (methods/timesformer.py, docs/timesformer.md#gmacs).
 
     With ``n = 1 + T*P`` tokens (P patches per frame, the same in every frame):
 

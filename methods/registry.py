@@ -1,4 +1,4 @@
-"""Method registry: one id, one paper (DESIGN.md "Method ids").
+"""Method registry: one id, one paper (docs/design.md#method-ids).
 
 A method module registers a :class:`MethodSpec`; ``methods.build(id, vit, **knobs)`` validates the
 knobs against it and returns the adapted model. The harness reaches models only through here.
@@ -98,7 +98,7 @@ def coerce_knob(spec: MethodSpec, name: str, value: Any) -> Any:
 
 
 def build(method_id: str, vit: nn.Module, mode: str | None = None, copy: bool = True, **knobs: Any) -> nn.Module:
-    """Turn a timm VisionTransformer into method ``method_id``; see DESIGN.md "Python API".
+    """Turn a timm VisionTransformer into method ``method_id``; see docs/design.md#python-api.
 
     The backbone is deep-copied unless ``copy=False``, so one loaded checkpoint serves the dense
     baseline and every method side by side.

@@ -1,6 +1,6 @@
 """TimeSformer: divided space-time attention with a CLS token, as a timm ``VisionTransformer``.
 
-Each block attends in two steps (docs/timesformer.md "The block"): temporal attention among the
+Each block attends in two steps (docs/timesformer.md#the-block): temporal attention among the
 ``T`` tokens of one spatial position (its own ``temporal_norm1`` / ``temporal_attn``, then the
 ``temporal_fc`` projection, a residual), then spatial attention among the ``N`` patches of one frame
 plus a copy of the CLS token, whose ``T`` per-frame results are averaged back into the one CLS
@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 # The official test pipeline normalises with its config defaults (DATA.MEAN / DATA.STD), not
-# ImageNet's statistics (docs/timesformer.md "Evaluation").
+# ImageNet's statistics (docs/timesformer.md#evaluation).
 KINETICS_MEAN = (0.45, 0.45, 0.45)
 KINETICS_STD = (0.225, 0.225, 0.225)
 WRAPPER_PREFIX = "model."  # the official model class holds the ViT as ``self.model``
@@ -136,7 +136,7 @@ class TimeSformer(VisionTransformer):
     """timm's VisionTransformer with per-frame patches, space + time tables and divided blocks."""
 
     attention_layout = "divided"  # methods/macs.py picks the divided closed form by this
-    supported_methods = ("deit",)  # methods/registry.py refuses the others (docs/timesformer.md)
+    supported_methods = ("deit",)  # methods/registry.py refuses the others (docs/timesformer.md#methods)
 
     def __init__(self, num_frames: int = 8, **kwargs):
         kwargs["embed_layer"] = partial(FramePatchEmbed, num_frames=num_frames)
@@ -174,7 +174,7 @@ class TimeSformer(VisionTransformer):
         if method_id in self.supported_methods:
             return None
         return (f"{method_id} is not adapted to TimeSformer's divided space-time attention yet (each block attends "
-                f"across frames, then within a frame: docs/timesformer.md); methods that run on it: "
+                f"across frames, then within a frame: docs/timesformer.md#methods); methods that run on it: "
                 f"{', '.join(self.supported_methods)}")
 
     def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Per-sample record of what the last forward pass of an adaptive model really did.
 
-DESIGN.md "Contracts worth keeping stable": every forward leaves a trace, and multiply-accumulates
+docs/design.md#contracts: every forward leaves a trace, and multiply-accumulates
 per sample are derived from it by closed forms (``methods.macs``), never from tensor shapes of a
-padded or masked batch (METHODS.md section 7, item 2).
+padded or masked batch (docs/counting.md#per-sample-counts-from-traces).
 """
 from __future__ import annotations
 

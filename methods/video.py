@@ -4,7 +4,7 @@ The layout is ViViT's joint model and VideoMAE's ViT: a ``Conv3d`` tubelet embed
 voxels per token, tokens in time-major order ``T' x H' x W'``), then the stock timm blocks over all
 spatio-temporal tokens at once. Because the model *is* a timm VisionTransformer (only the patch
 embedding differs), ``ats``, ``avit`` and ``adavit`` adapt it unchanged and count its compute with
-the same closed forms (DESIGN.md "Contracts worth keeping stable"; METHODS.md section 0): the
+the same closed forms (docs/design.md#contracts; docs/counting.md#closed-forms): the
 tokens are just more of them.
 
 Input clips are ``(B, C, T, H, W)`` (VideoMAE / PyTorchVideo order).
@@ -32,7 +32,7 @@ class TubeletEmbed(nn.Module):
     With ``stem=True`` ``proj`` is a small convolutional stem instead (two per-frame 3x3 stride-2
     conv-BN-ReLU, then a ``t x 3 x 3`` conv of stride ``(t, 2, 2)``): still one token per tubelet of
     ``t x 8 x 8`` voxels. The image digits ViT needed such a stem to learn in a few epochs
-    (DESIGN.md "The embedded default"); the moving-digits video model uses the same idea.
+    (docs/design.md#the-embedded-default); the moving-digits video model uses the same idea.
     """
 
     def __init__(

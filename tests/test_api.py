@@ -1,4 +1,4 @@
-"""The public Python API (DESIGN.md "Python API")."""
+"""The public Python API (docs/design.md#python-api)."""
 import pytest
 import timm
 import torch

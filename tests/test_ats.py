@@ -1,4 +1,4 @@
-"""ATS (`ats`, Fayyaz et al., arXiv 2111.15667): METHODS.md section 2 and section 8 tests 11-18.
+"""ATS (`ats`, Fayyaz et al., arXiv 2111.15667): docs/methods/ats.md#overview, checks ATS-1 to ATS-8 (docs/methods/ats.md#checks).
 
 Random weights throughout (no ImageNet offline). The digits backbone's attention is sharpened with a
 fixed seed so that scores differ between tokens and kept counts differ between samples, as they do
@@ -15,7 +15,8 @@ import torch
 
 import methods
 from bench import budgets
-from methods.ats import ATSConfig, _unpack, policy_softmax, resolve_config, sample_tokens, token_scores
+from methods.ats import ATSConfig, policy_softmax, resolve_config, sample_tokens, token_scores
+from methods.execution import padded_layout, unpack
 
 
 def sharpened_digits(std: float = 0.12, seed: int = 0):
@@ -103,7 +104,7 @@ def test_budget_grammar_keep_ratio_and_absolute_tokens():
     cfg = resolve_config(12, 197, tokens=108, single_stage=True)
     assert cfg == ATSConfig(blocks=(3,), tokens=(108,), n_ref=197, official_padding=False)
     assert cfg.budgeted_form
-    assert resolve_config(12, 197, tokens=[108] * 9).tokens == (108,) * 9  # DESIGN.md example
+    assert resolve_config(12, 197, tokens=[108] * 9).tokens == (108,) * 9  # the example of docs/design.md#python-api
     assert resolve_config(6, 65, tokens="40/30/20").tokens == (40, 30, 20)
     assert resolve_config(6, 65, tokens=40.0).tokens == (40,) * 3
     assert resolve_config(6, 65, tokens=1000, keep=0.1).tokens == (1000,) * 3  # tokens overrides keep
@@ -141,12 +142,12 @@ def test_rejects_backbones_it_cannot_score():
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring and sampling (METHODS.md 2.2, tests 12, 13, 15)
+# Scoring and sampling (docs/methods/ats.md#algorithm; checks ATS-1, ATS-2, ATS-3)
 # ---------------------------------------------------------------------------------------------
 
 
 def test_scores_are_cls_attention_times_value_norm(vit, images):
-    """Test 12: s_j = (sum_h A_h[CLS, j]) * ||v_j||, v over all heads, CLS excluded, sums to 1."""
+    """Check ATS-1 (docs/methods/ats.md#check-ats-1-scores): s_j = (sum_h A_h[CLS, j]) * ||v_j||, v over all heads, CLS excluded, sums to 1."""
     model = methods.build("ats", vit)
     x = stage_input(model, images[:3], 3)
     blk = model.blocks[3]
@@ -199,7 +200,7 @@ def test_batch_invariant_softmax_ignores_padding_slots():
 
 
 def test_all_equal_scores_keep_all_but_the_lowest_token():
-    """Test 13: 196 equal scores on the 196-point grid keep exactly 195 patches + CLS."""
+    """Check ATS-2 (docs/methods/ats.md#check-ats-2-all-equal-scores): 196 equal scores on the 196-point grid keep exactly 195 patches + CLS."""
     scores = torch.full((1, 196), 1 / 196)
     sel = sample_tokens(scores, None, torch.tensor([197]), 197, 197, False)
     assert int(sel.n_kept) == 196
@@ -217,8 +218,8 @@ def test_all_equal_scores_keep_all_but_the_lowest_token():
 
 
 def oracle(scores: np.ndarray, k: int, n_ref: int) -> list[int]:
-    """METHODS.md 2.2 steps 4-8 written from the text for one unpadded sample, plus the budgeted
-    K - 1 point grid of 2.3; kept token indices, CLS first, then ascending score.
+    """The steps of docs/methods/ats.md#sampling written from the text for one unpadded sample, plus the budgeted
+    K - 1 point grid (docs/methods/ats.md#budgeted-form); kept token indices, CLS first, then ascending score.
 
     float32 like the model, with the cumulative sum accumulated in float64 and rounded (what
     torch's CPU cumsum does), and the released grid expression, so the picks are bit-comparable.
@@ -239,7 +240,7 @@ def oracle(scores: np.ndarray, k: int, n_ref: int) -> list[int]:
 
 @pytest.mark.parametrize("n, k", [(197, 197), (197, 10_000), (197, 108), (197, 40), (65, 65), (65, 20), (65, 2)])
 def test_sampler_matches_the_written_spec(n, k):
-    """Tests 13/15: sort, min-max CDF, grid from y0 to 1 (n_ref - 1 points, or K - 1 when K < N),
+    """Checks ATS-2 and ATS-3 (docs/methods/ats.md#check-ats-3-released-and-budgeted-grids): sort, min-max CDF, grid from y0 to 1 (n_ref - 1 points, or K - 1 when K < N),
     nearest token, duplicates dropped (not merged), CLS + picks in ascending score order."""
     g = torch.Generator().manual_seed(n * 7 + k)
     for trial in range(12):
@@ -273,13 +274,13 @@ def test_duplicates_are_dropped_not_merged():
 
 
 # ---------------------------------------------------------------------------------------------
-# Block semantics (test 14) and modes
+# Block semantics (check ATS-5, docs/methods/ats.md#check-ats-5-kept-rows-equal-dense-rows) and modes
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["compact", "reference"])
 def test_ats_block_rows_equal_the_dense_block_rows(vit, images, mode):
-    """Test 14: CLS and every kept token leave the ATS block exactly as the dense block would
+    """Check ATS-5: CLS and every kept token leave the ATS block exactly as the dense block would
     compute them; kept order is CLS then ascending score; padding rows are zero (reference)."""
     model = methods.build("ats", vit, mode=mode, keep=1.0)
     x = stage_input(model, images, 3)
@@ -290,7 +291,7 @@ def test_ats_block_rows_equal_the_dense_block_rows(vit, images, mode):
         if mode == "compact":
             out, sel, packed = model._ats_block_compact(blk, x, None, n, 65)
             assert packed is not None and out.shape[0] == int(sel.n_kept.sum())  # only real rows kept
-            out = _unpack(out, packed, x.shape[0])
+            out = unpack(out, packed)
         else:
             out, sel = model._ats_block_reference(blk, x, None, n, 65)
         y = blk.norm1(x)
@@ -339,7 +340,7 @@ def test_reference_and_compact_agree(vit, images, knobs):
 
 
 def test_released_mode_never_errors_and_keeps_fewer_than_it_gets(vit, images):
-    """Test 15: K >= N at every stage (K = N0, or any larger K) runs the released behaviour."""
+    """Check ATS-3 (docs/methods/ats.md#check-ats-3-released-and-budgeted-grids): K >= N at every stage (K = N0, or any larger K) runs the released behaviour."""
     for knobs in ({"keep": 1.0}, {"tokens": 10_000}):
         model = methods.build("ats", vit, **knobs)
         assert not model.budgeted_form
@@ -351,7 +352,7 @@ def test_released_mode_never_errors_and_keeps_fewer_than_it_gets(vit, images):
 
 
 def test_budgeted_form_is_flagged_and_respects_k(vit, images):
-    """Test 15: K < N uses K - 1 grid points (the paper's form; the released code crashes)."""
+    """Check ATS-3: K < N uses K - 1 grid points (the paper's form; the released code crashes)."""
     model = methods.build("ats", vit, tokens=[30, 20, 10])
     assert model.budgeted_form
     _, t = run(model, images)
@@ -366,7 +367,7 @@ def test_budgeted_form_is_flagged_and_respects_k(vit, images):
 
 
 def test_deterministic_across_runs_and_train_eval(vit, images):
-    """Test 11: no sampling noise anywhere; train mode keeps the same tokens and is differentiable."""
+    """Check ATS-6 (docs/methods/ats.md#check-ats-6-determinism): no sampling noise anywhere; train mode keeps the same tokens and is differentiable."""
     model = methods.build("ats", vit, keep=0.5)
     l1, t1 = run(model.eval(), images)
     l2, t2 = run(model, images)
@@ -385,7 +386,7 @@ def test_deterministic_across_runs_and_train_eval(vit, images):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches and padding (test 16)
+# Batches and padding (check ATS-4, docs/methods/ats.md#check-ats-4-batch-invariance)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -416,21 +417,19 @@ def test_official_padding_reproduces_the_released_softmax_over_padded_slots(vit)
     """The released softmax subtracts the row max over padded slots too (their logit is 0): with
     real logits far below 0 the eps term then distorts the attention. Compact reproduces it with
     official_padding (and uses the plain masked softmax otherwise)."""
-    from methods.ats import _Packed
-
     counts = torch.tensor([5, 8])
-    packed = _Packed.of(counts, 8, torch.float32)
+    packed = padded_layout(counts, 8, torch.float32)
     g = torch.Generator().manual_seed(0)
     u = torch.randn(2, 3, 1, 32, generator=g)  # the digits ViT: 3 heads of 32 channels
     q = 4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)
-    k = (-4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)) * packed.valid[:, None, :, None]
-    v = torch.randn(2, 3, 8, 32, generator=g) * packed.valid[:, None, :, None]
+    k = (-4 * u.expand(2, 3, 8, 32) + 0.1 * torch.randn(2, 3, 8, 32, generator=g)) * packed.real[:, None, :, None]
+    v = torch.randn(2, 3, 8, 32, generator=g) * packed.real[:, None, :, None]
     attn = vit.blocks[0].attn
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     assert float(logits[0, :, :, :5].max()) < -15  # real logits far below the padded slots' 0
-    key_policy = packed.valid[:, None, None, :].float()
+    key_policy = packed.real[:, None, None, :].float()
     released = policy_softmax(logits, key_policy, 8, True) @ v
-    plain = torch.softmax(logits.masked_fill(~packed.valid[:, None, None, :], float("-inf")), -1) @ v
+    plain = torch.softmax(logits.masked_fill(~packed.real[:, None, None, :], float("-inf")), -1) @ v
     assert (released[0] - plain[0]).abs().max() > 1e-2  # the quirk is visible for the padded sample
     official = methods.build("ats", vit, official_padding=True)
     default = methods.build("ats", vit)
@@ -439,7 +438,7 @@ def test_official_padding_reproduces_the_released_softmax_over_padded_slots(vit)
 
 
 def test_official_padding_reproduces_the_released_batch_dependence(vit, images):
-    """Test 16: padded slots in the CDF shift y0, so padded samples keep a different set in a batch
+    """Check ATS-4: padded slots in the CDF shift y0, so padded samples keep a different set in a batch
     than alone; unpadded samples and the first stage are unaffected."""
     model = methods.build("ats", vit, keep=1.0, official_padding=True)
     _, t = run(model, images)
@@ -458,7 +457,7 @@ def test_official_padding_reproduces_the_released_batch_dependence(vit, images):
 
 
 # ---------------------------------------------------------------------------------------------
-# Compute (test 18) and trace
+# Compute (check ATS-7, docs/methods/ats.md#check-ats-7-block-macs) and trace
 # ---------------------------------------------------------------------------------------------
 
 
@@ -552,7 +551,7 @@ def test_twelve_block_vit_default_stages_and_design_example():
 
 
 @pytest.mark.skip(
-    reason="METHODS.md test 17 needs the DeiT-S ImageNet weights and the 50k validation images, "
+    reason="check ATS-8 (docs/methods/ats.md#check-ats-8-off-the-shelf-imagenet-accuracy) needs the DeiT-S ImageNet weights and the 50k validation images, "
     "neither available offline; with them run `bench run --methods deit,ats --dataset imagenet --data VAL_DIR "
     "--backbone deit_small_patch16_224 --checkpoint DEIT_S.pth --budgets ats=1.0` (expected: top-1 about "
     "79.1-79.2 % off the shelf with blocks 3-11, K = 197; report per-sample gmacs beside the paper's 2.9 G)"

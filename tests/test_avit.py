@@ -1,7 +1,7 @@
-"""A-ViT (`avit`): METHODS.md section 8 tests 3-9 and 24, plus mode equivalence and training.
+"""A-ViT (`avit`): checks AVIT-1 to AVIT-8 (docs/methods/avit.md#checks), plus mode equivalence and training.
 
-Random-weight digits backbones (6 blocks, width 96, 65 tokens) keep this file fast; tests 5 and 6
-also drive the halting bookkeeping directly with the 12 layers the spec uses.
+Random-weight digits backbones (6 blocks, width 96, 65 tokens) keep this file fast; checks AVIT-3 and AVIT-4
+also drive the halting bookkeeping directly with the 12 layers the checks describe.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import methods
 from methods import avit
 from methods.backbones import create_digits_vit
+from methods.training import validate
 
 DEPTH = 6
 TOKENS = 65
@@ -69,7 +70,7 @@ def test_registered_with_knobs_and_loads_timm_state_dict(vit):
         methods.build("avit", vit, prior="cauchy")
 
 
-# -- test 3: gate off equals the dense model -----------------------------------------------------
+# -- Check AVIT-1: gate off equals the dense model (docs/methods/avit.md#check-avit-1-gate-off-equals-dense) ---
 
 
 @pytest.mark.parametrize("mode", ["compact", "reference"])
@@ -85,7 +86,7 @@ def test_gate_off_equals_dense(vit, images, mode):
     assert torch.allclose(tr.gmacs, dense_trace.gmacs, rtol=1e-3) and (tr.gmacs < dense_trace.gmacs).all()
 
 
-# -- test 4: gate saturated halts everything after block 1 ---------------------------------------
+# -- Check AVIT-2: saturated gate halts after block 1 (docs/methods/avit.md#check-avit-2-saturated-gate-halts-after-block-1) ---
 
 
 @pytest.mark.parametrize("mode", ["compact", "reference"])
@@ -101,7 +102,7 @@ def test_gate_saturated_halts_after_block_one(vit, images, mode):
     assert torch.allclose(tr.gmacs, torch.full_like(tr.gmacs, one_block))
 
 
-# -- test 5: last-layer forcing, weights sum to one ----------------------------------------------
+# -- Check AVIT-3: last-block forcing, weights sum to one (docs/methods/avit.md#check-avit-3-last-block-forcing) ---
 
 
 def drive(h_per_layer, eps=avit.EPS):
@@ -132,7 +133,7 @@ def test_last_layer_forcing_weights_sum_to_one():
 
 
 def test_constant_gate_in_the_model_weights_blocks(vit, images):
-    # gamma = 0 makes h = sigmoid(-beta) = 0.05 for every token and block (test 5 on 6 blocks):
+    # gamma = 0 makes h = sigmoid(-beta) = 0.05 for every token and block (check AVIT-3 on 6 blocks):
     # o = 0.05 * (x1 + ... + x5) + 0.75 * x6.
     beta = math.log(0.95 / 0.05)
     outs = block_outputs(vit, images)
@@ -145,7 +146,7 @@ def test_constant_gate_in_the_model_weights_blocks(vit, images):
         assert torch.allclose(tr.ponder, torch.full((len(images),), 6.75), atol=1e-5)
 
 
-# -- test 6: threshold cases ---------------------------------------------------------------------
+# -- Check AVIT-4: threshold cases (docs/methods/avit.md#check-avit-4-halting-threshold) ---------
 
 
 def test_threshold_halts_strictly_above_one_minus_eps():
@@ -158,7 +159,7 @@ def test_threshold_halts_strictly_above_one_minus_eps():
     assert abs(float(weights[-1]) - 0.02) < 1e-6
 
 
-# -- test 7: masked execution equals physical removal --------------------------------------------
+# -- Check AVIT-5: masked execution equals physical removal (docs/methods/avit.md#check-avit-5-masked-equals-removed) ---
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
@@ -279,7 +280,7 @@ def test_compact_on_deit_tiny_with_bf16_autocast():
     assert torch.isfinite(low).all() and low.shape == (2, 1000) and tr16.depths.shape == (2, 197)
 
 
-# -- test 8: the official prior target and KL ----------------------------------------------------
+# -- Check AVIT-6: the official prior target and KL (docs/methods/avit.md#check-avit-6-prior-target-and-kl) ---
 
 OFFICIAL_TARGET = [0, 0, 0, 0, 0.0004, 0.0145, 0.1761, 0.789, 1.3009, 0.789, 0.1761, 0.0145]
 
@@ -312,7 +313,7 @@ def test_halting_distribution_quirk_versus_corrected():
     assert torch.allclose(fixed, (scores * active)[:, :, 1:].sum(dim=(1, 2)) / (4 * 4))
 
 
-# -- test 9: ponder loss value and gradient path -------------------------------------------------
+# -- Check AVIT-7: ponder loss value and gradient path (docs/methods/avit.md#check-avit-7-ponder-loss) ---
 
 
 def test_ponder_loss_value_and_gradient_only_through_remainders(vit, images, monkeypatch):
@@ -371,7 +372,7 @@ def test_training_gradients_equal_in_both_modes(vit, images):
         quirky(images)
 
 
-# -- test 24: Laplace prior of the student repo --------------------------------------------------
+# -- Check AVIT-8: Laplace prior of the student repo (docs/methods/avit.md#check-avit-8-laplace-prior) ---
 
 
 def test_laplace_target_log_density():
@@ -412,7 +413,7 @@ def test_training_moves_mean_depth_toward_the_target(vit):
     for name, weights in (("halting", {}), ("task only", {"ponder_weight": 0.0, "prior_weight": 0.0})):
         model = methods.build("avit", vit, **knobs)
         model.bench_knobs["gate_center"] = 1.0
-        before = avit.evaluate(model, data.val_batches())["val_mean_depth"]
+        before = validate(model, data.val_batches(), avit.val_stats)["val_mean_depth"]
         model.bench_knobs["gate_center"] = 7.0
         progress = _Progress()
         result = avit.train(model, data, {**settings, **weights}, progress)

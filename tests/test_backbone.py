@@ -65,7 +65,7 @@ def _pruned_accuracy(vit, x, y, keep: float, policy: str, seed: int = 0) -> floa
 
 
 def test_task_separates_good_from_bad_token_policies(shipped, default_cfg):
-    """DESIGN.md: random 50% pruning must cost at least 5 points on validation images."""
+    """docs/design.md#the-embedded-default: random 50% pruning must cost at least 5 points on validation images."""
     _, vit = shipped
     x, y = digits.make_split(datasets.digits_config(default_cfg), "val", n=600)
     full = accuracy(vit, x, y)

@@ -1,6 +1,6 @@
 """Checkpoints users bring: timm / DeiT .pth and .safetensors, wrappers and prefixes, the official
 A-ViT (gate in the file name) and AdaViT (separate q, k, v and gate layers) layouts, refused pickles,
-and strict loading that lists what does not fit (METHODS.md sections 1.6, 3.6, 6)."""
+and strict loading that lists what does not fit (docs/methods/avit.md#checkpoints, docs/methods/adavit.md#checkpoints, docs/methods/README.md#weights-and-checkpoints)."""
 import argparse
 
 import pytest
@@ -88,7 +88,7 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path):
 
 
 def test_official_avit_checkpoint_loads_with_gate_from_file_name(tmp_path):
-    """A-ViT's releases use timm's key layout (METHODS.md 1.6) and name the gate: tiny-10-30."""
+    """A-ViT's releases use timm's key layout (docs/methods/avit.md#checkpoints) and name the gate: tiny-10-30."""
     src = tiny_vit(4).state_dict()
     path = tmp_path / "tiny-10-30.pth"
     torch.save({"model": src, "args": argparse.Namespace(gate_scale=10.0, gate_center=30.0)}, path)

@@ -190,7 +190,7 @@ def test_imagenet_profile_prints_the_paper_number(tmp_path, monkeypatch, capsys)
                            "--backbone", "deit_tiny_patch16_224", "--checkpoint", "random", "--batch-sizes", "1",
                            "--precision", "fp32", "--out", str(tmp_path / "r"), "--reports", str(tmp_path / "rep"), "-q")
     assert code == 0, err
-    assert "paper (METHODS.md section 5)" in out and "72.20" in out and "DeiT-T, DeiT paper" in out
+    assert "paper (docs/methods/README.md#papers-numbers)" in out and "72.20" in out and "DeiT-T, DeiT paper" in out
     run = sorted((tmp_path / "r").iterdir())[-1]
     rec = json.loads((run / "records.jsonl").read_text().splitlines()[0])
     assert rec["n_samples"] == 32 and rec["dataset"] == "imagenet"

@@ -1,4 +1,4 @@
-"""Closed-form GMACs (METHODS.md section 0; section 8 tests 1 and 2) against fvcore."""
+"""Closed-form GMACs (docs/counting.md#closed-forms; checks MACS-1 and MACS-2, docs/counting.md#checks) against fvcore."""
 import warnings
 
 import pytest
@@ -13,7 +13,7 @@ def fvcore_gmacs(vit) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from fvcore.nn import FlopCountAnalysis
-    for m in vit.modules():  # fvcore cannot see fused SDPA (ENVIRONMENT.md "Counting")
+    for m in vit.modules():  # fvcore cannot see fused SDPA (docs/counting.md#what-fvcore-counts)
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
     h, w = vit.patch_embed.img_size
@@ -47,7 +47,7 @@ def test_closed_form_matches_fvcore_on_digits_backbone():
 
 
 def test_deit_small_block_breakdown():
-    """METHODS.md test 2: 0.379148 G per block = MSA 0.146001 + FFN 0.232391 + 2 LN 0.000378."""
+    """Check MACS-2 (docs/counting.md#check-macs-2-deit-s-block-breakdown): 0.379148 G per block = MSA 0.146001 + FFN 0.232391 + 2 LN 0.000378."""
     s = methods.vit_shape(timm.create_model("deit_small_patch16_224"))
     n, c = 197, 384
     assert s.block(n) / 1e9 == pytest.approx(0.379148, abs=5e-7)

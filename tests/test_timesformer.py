@@ -178,7 +178,7 @@ def test_closed_form_matches_fvcore_per_view():
 
 
 def test_timesformer_base_is_196_gmacs_per_view():
-    """fvcore on the full 8x224 model counts 196.053 GMACs (docs/timesformer.md "GMACs")."""
+    """fvcore on the full 8x224 model counts 196.053 GMACs (docs/timesformer.md#gmacs)."""
     with torch.device("meta"):
         vit = timm.create_model("timesformer_base_patch16_224")
     shape = methods.vit_shape(vit)

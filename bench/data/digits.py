@@ -3,7 +3,7 @@
 scikit-learn ships 1797 real 8x8 handwritten digits (UCI optdigits). Each canvas places one digit,
 upscaled to a random size, at a random position on a larger empty canvas, plus a few clutter
 fragments cut from *other* digits of the same split, so that most patches carry nothing and an
-adaptive model has something to adapt to (DESIGN.md "The embedded default"). Everything is
+adaptive model has something to adapt to (docs/design.md#the-embedded-default). Everything is
 deterministic from the seed; train, validation and test canvases are drawn from disjoint sets of
 source digits.
 """

@@ -3,8 +3,8 @@
 Each clip shows one scikit-learn digit (upscaled to a random size) moving at constant speed and
 bouncing off the canvas edges, over ``frames`` frames, plus a few clutter fragments cut from other
 digits of the same split, each drifting on its own path. The class is the digit. Most tubelets are
-empty, so an adaptive model has something to adapt to, as on the image default (DESIGN.md "The
-embedded default"). Train, validation and test clips come from the disjoint source-digit splits of
+empty, so an adaptive model has something to adapt to, as on the image default
+(docs/design.md#the-embedded-default). Train, validation and test clips come from the disjoint source-digit splits of
 :mod:`bench.data.digits`; everything is deterministic from the seed.
 
 Clips are ``(n, 1, frames, canvas, canvas)`` in [0, 1], the ``(B, C, T, H, W)`` layout of
