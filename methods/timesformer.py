@@ -148,7 +148,7 @@ class TimeSformer(VisionTransformer):
         super().__init__(**kwargs)
         self.num_frames = int(num_frames)
         dim, per_frame = self.embed_dim, self.patch_embed.patches_per_frame
-        # timm sized pos_embed for all T*N tokens; TimeSformer's table is per frame, plus one per frame in time
+        # timm sized pos_embed for all T*N tokens; TimeSformer has one spatial table that every frame shares, and a time table
         self.pos_embed = nn.Parameter(torch.zeros(1, per_frame + 1, dim))
         self.time_embed = nn.Parameter(torch.zeros(1, self.num_frames, dim))
         trunc_normal_(self.pos_embed, std=0.02)
