@@ -124,7 +124,7 @@ def create_backbone(cfg: RunConfig) -> nn.Module:
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UsageError(f"unknown backbone '{cfg.backbone}'; use a timm VisionTransformer name (e.g. deit_small_patch16_224), "
-                             "digits_vit, digits_video_vit or videomae_vit_base_patch16_224") from None
+                             "digits_vit, digits_video_vit, videomae_vit_base_patch16_224 or timesformer_base_patch16_224") from None
         raise
     except TypeError as e:
         raise UsageError(f"backbone '{cfg.backbone}' does not take these [model] settings: {e}") from None

@@ -7,6 +7,7 @@
 """
 from . import backbones  # noqa: F401  (registers the embedded-default backbones with timm)
 from . import video  # noqa: F401  (registers the video ViTs with timm)
+from . import timesformer  # noqa: F401  (registers TimeSformer with timm)
 from . import dense  # noqa: F401  (registers `deit`)
 from .base import TracedViT, trace
 from .macs import ViTShape, vit_shape

@@ -17,6 +17,10 @@ What users bring (docs/methods/avit.md#checkpoints, docs/methods/adavit.md#check
   fused ``attn.qkv`` (rows q, k, v in that order, as timm's Attention splits them) and our
   ``adavit_gates.{i}.{patch,head,block}`` (methods/adavit.py).
 
+* official TimeSformer checkpoints (facebookresearch/TimeSformer ``.pyth``): PySlowFast's
+  ``{"model_state": ..., "optimizer_state": ..., "cfg": ...}``; the official key names under the
+  ``model.`` prefix of its wrapper module (methods/timesformer.py removes it; docs/timesformer.md#checkpoints).
+
 Everything is loaded strictly after renaming (docs/methods/README.md#weights-and-checkpoints: the official repos load with
 ``strict=False`` somewhere; we fail loudly instead): missing, unexpected and mis-shaped keys are
 listed in one message.
@@ -75,8 +79,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} cannot be read as a torch (.pth) or safetensors file ({detail}); "
             "pass a state dict saved with torch.save or safetensors"
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("module"), dict):  # VideoMAE (DeepSpeed) wraps it so
-        state = state["module"]
+    for wrapper in ("module", "model_state"):  # VideoMAE (DeepSpeed); TimeSformer's .pyth (PySlowFast)
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
     return dict(state)

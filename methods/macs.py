@@ -95,11 +95,42 @@ class ViTShape:
         return macs / 1e9
 
 
+@dataclass(frozen=True)
+class DividedViTShape(ViTShape):
+    """TimeSformer's divided space-time block (methods/timesformer.py, docs/timesformer.md#gmacs).
+
+    With ``n = 1 + T*P`` tokens (P patches per frame, the same in every frame):
+
+        temporal = LN(T*P) + qkv(T*P) + P * 2*T^2*A + proj(T*P) + temporal_fc(T*P, C x C)
+        spatial  = LN(T*(P+1)) + qkv(T*(P+1)) + T * 2*(P+1)^2*A + proj(T*(P+1))   (CLS copied per frame)
+        mlp      = LN(n) + fc1(n) + fc2(n)
+
+    The CLS average over frames and the residual adds count 0, as everywhere here.
+    """
+
+    frames: int = 1
+
+    def block(self, n_in: Count, n_out: Count | None = None) -> Count:
+        if n_out is not None:
+            raise NotImplementedError("no closed form yet for token sampling inside a divided space-time block")
+        c, a, h, t = self.embed_dim, self.attn_dim, self.mlp_hidden, self.frames
+        per_frame = (n_in - self.num_prefix_tokens) / t
+        rows_t, rows_s = t * per_frame, t * (per_frame + 1)
+        temporal = (layernorm(rows_t, c) + linear(rows_t, c, 3 * a) + per_frame * attention_matmuls(t, t, a)
+                    + linear(rows_t, a, c) + linear(rows_t, c, c))
+        spatial = (layernorm(rows_s, c) + linear(rows_s, c, 3 * a) + t * attention_matmuls(per_frame + 1, per_frame + 1, a)
+                   + linear(rows_s, a, c))
+        mlp = layernorm(n_in, c) + linear(n_in, c, h) + linear(n_in, h, c)
+        return temporal + spatial + mlp
+
+
 def _leaf_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    # The whole output counts: the example is one sample, which a per-frame embedding (TimeSformer's
+    # Conv2d over every frame, methods/timesformer.py) runs as a batch of T images.
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):  # Conv3d: video tubelet embeddings
-        return out[0].numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, nn.Linear):
-        return (out[0].numel() // module.out_features) * module.in_features * module.out_features
+        return (out.numel() // module.out_features) * module.in_features * module.out_features
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return inp[0].numel() * (2 if module.affine else 1)
     if isinstance(module, nn.LayerNorm):
@@ -157,7 +188,7 @@ def vit_shape(vit: nn.Module) -> ViTShape:
         head_macs += layernorm(1, embed_dim)
     if isinstance(vit.head, nn.Linear):
         head_macs += linear(1, vit.head.in_features, vit.head.out_features)
-    shape = ViTShape(
+    fields = dict(
         embed_dim=embed_dim,
         attn_dim=attn_dim,
         mlp_hidden=mlp_hidden,
@@ -170,6 +201,10 @@ def vit_shape(vit: nn.Module) -> ViTShape:
         head_macs=int(head_macs),
         final_norm_is_ln=isinstance(vit.norm, nn.LayerNorm),
     )
+    if getattr(vit, "attention_layout", "joint") == "divided":  # TimeSformer (methods/timesformer.py)
+        shape = DividedViTShape(frames=int(vit.num_frames), **fields)
+    else:
+        shape = ViTShape(**fields)
     vit.__dict__["_bench_vit_shape"] = shape  # plain attribute, not a registered buffer
     return shape
 

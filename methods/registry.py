@@ -104,6 +104,10 @@ def build(method_id: str, vit: nn.Module, mode: str | None = None, copy: bool = 
     baseline and every method side by side.
     """
     spec = get(method_id)
+    refusal = getattr(vit, "unsupported_reason", None)  # a backbone a method is not adapted to (TimeSformer)
+    reason = refusal(method_id) if refusal is not None else None
+    if reason:
+        raise ValueError(reason)
     mode = mode or spec.modes[0]
     if mode not in spec.modes:
         raise ValueError(f"method {method_id!r} has no mode {mode!r}; modes: {', '.join(spec.modes)}")
