@@ -131,6 +131,9 @@ class AdaViT(TracedViT):
         self._record_adavit(rec, N)
         return logits
 
+    def tokens_entered(self, trace) -> torch.Tensor:
+        return trace.patch_keep.cpu().bool()
+
     def _record_adavit(self, rec: dict, n_total: int) -> None:
         shape = self.bench_shape
         C, H, R = shape.embed_dim, shape.num_heads, shape.mlp_hidden

@@ -293,6 +293,20 @@ class ATSViT(TracedViT):
         released code cannot (docs/methods/ats.md#budgeted-form); each forward flags it per sample in the trace."""
         return self.ats_config.budgeted_form
 
+    def tokens_entered(self, trace) -> torch.Tensor:
+        """Stage j (ATS in block s_j) keeps ``kept_index[j]``; those tokens enter blocks s_j + 1 .. s_(j+1)."""
+        b, depth = trace.tokens.shape
+        n = self.bench_shape.num_tokens
+        stages = list(self.ats_config.blocks)
+        out = torch.zeros(b, depth, n, dtype=torch.bool)
+        out[:, : stages[0] + 1] = True
+        for j, kept in enumerate(trace.kept_index):
+            last = stages[j + 1] if j + 1 < len(stages) else depth - 1
+            member = torch.zeros(b, n + 1, dtype=torch.bool)  # column n catches -1 (padding)
+            member.scatter_(1, kept.cpu().long().where(kept.cpu() >= 0, n), True)
+            out[:, stages[j] + 1 : last + 1] = member[:, None, :n]
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         cfg = self.ats_config
         reference = self.bench_mode == "reference"

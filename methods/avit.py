@@ -409,6 +409,10 @@ class AViT(TracedViT):
         return logits
 
     # -- trace ------------------------------------------------------------------------------------
+    def tokens_entered(self, trace: Any) -> torch.Tensor:
+        depth = trace.tokens.shape[1]
+        return trace.depths.cpu().unsqueeze(1) > torch.arange(depth).view(1, depth, 1)
+
     def _record(
         self, tokens: torch.Tensor, depths: torch.Tensor, rho: torch.Tensor, padding_waste: float = 0.0, executed: tuple[int, int] | None = None
     ) -> None:

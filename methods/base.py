@@ -35,6 +35,13 @@ class TracedViT(nn.Module):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
+    def tokens_entered(self, trace: Trace) -> torch.Tensor | None:
+        """(B, depth, N) bool on the CPU: token n (prefix tokens first, original order) entered block
+        l in the forward ``trace`` records; summing over N gives ``trace.tokens``. None for a method
+        whose trace has no per-token record. The dense model: every token, every block."""
+        b, depth = trace.tokens.shape
+        return torch.ones(b, depth, self.bench_shape.num_tokens, dtype=torch.bool)
+
     def record(self, tokens: torch.Tensor, gmacs: torch.Tensor | None = None, **extras: Any) -> Trace:
         if gmacs is None:
             gmacs = self.bench_shape.gmacs_from_tokens(tokens)

@@ -60,7 +60,7 @@ def test_token_maps_agree_with_the_trace(method, knobs):
     with torch.inference_mode():
         model(x)
     trace = methods.trace(model)
-    mask = tokenmap.enters(model, trace)
+    mask = model.tokens_entered(trace)
     depth = len(vit.blocks)
     assert mask.shape == (5, depth, 65)
     # Summed over tokens, the per-token record gives back the trace's tokens entering each block.
