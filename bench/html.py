@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from methods import DENSE
+
 from .plots import Plot
 
 STYLE = """
@@ -77,7 +79,7 @@ def table(df: pd.DataFrame) -> str:
             text, sort_value, numeric = _cell(rec[c])
             attrs = (f" class='num' data-v='{sort_value}'" if numeric else "")
             cells.append(f"<td{attrs}>{html.escape(text)}</td>")
-        cls = " class='dense'" if rec.get("method") == "deit" else ""
+        cls = " class='dense'" if rec.get("method") == DENSE else ""
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
     return (f"<div class='scroll'><table class='leaderboard' id='leaderboard'><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table></div>")

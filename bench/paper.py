@@ -6,11 +6,14 @@ full 50,000 images and the weights named there (a few test images give a wide in
 """
 from __future__ import annotations
 
+from methods import DENSE
+
+
 # (method id, timm backbone) -> (top-1 %, GMACs, setting and source)
 PAPER = {
-    ("deit", "deit_tiny_patch16_224"): (72.2, 1.3, "DeiT-T, DeiT paper Tab. 1"),
-    ("deit", "deit_small_patch16_224"): (79.8, 4.6, "DeiT-S, DeiT paper Tab. 1"),
-    ("deit", "deit_base_patch16_224"): (81.8, 17.6, "DeiT-B, DeiT paper"),
+    (DENSE, "deit_tiny_patch16_224"): (72.2, 1.3, "DeiT-T, DeiT paper Tab. 1"),
+    (DENSE, "deit_small_patch16_224"): (79.8, 4.6, "DeiT-S, DeiT paper Tab. 1"),
+    (DENSE, "deit_base_patch16_224"): (81.8, 17.6, "DeiT-B, DeiT paper"),
     ("avit", "deit_tiny_patch16_224"): (71.4, 0.8, "A-ViT-T released tiny-10-30 (README)"),
     ("avit", "deit_small_patch16_224"): (78.8, 3.6, "A-ViT-S released small-10-75 (README)"),
     ("ats", "deit_small_patch16_224"): (79.13, 3.4, "DeiT-S + ATS off-the-shelf, released code (issue #2); fine-tuned paper: 79.7 / 2.9"),

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from methods import DENSE
+
 from .store import Run, atomic_write
 from .tokenmap import IMAGES_FILE
 
@@ -102,12 +104,12 @@ def accuracy_vs_gmacs(df: pd.DataFrame, folder: Path, pal: dict) -> Plot:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for name, g in m.groupby("series", sort=False):
         g = g.sort_values("gmacs")
-        dense = g["method"].eq("deit")
+        dense = g["method"].eq(DENSE)
         err = np.vstack([g["top1"] - g["top1_ci_low"], g["top1_ci_high"] - g["top1"]])
         ax.errorbar(g["gmacs"], g["top1"], yerr=err, color=pal[name], marker="*" if dense.all() else "o",
                     markersize=14 if dense.all() else 6, linestyle="none" if dense.all() else "-", capsize=3,
                     label=name, alpha=0.9)
-    for _, d in m[m["method"] == "deit"].iterrows():
+    for _, d in m[m["method"] == DENSE].iterrows():
         ax.axhline(d["top1"], color="0.4", linestyle=":", linewidth=1)
     front = pareto(m)
     ax.step(front["gmacs"], front["top1"], where="post", color="black", linestyle="--", linewidth=1.2,
@@ -147,7 +149,7 @@ def accuracy_vs_speed(df: pd.DataFrame, folder: Path, pal: dict) -> Plot:
 
 def speedup_vs_gmacs(df: pd.DataFrame, folder: Path, pal: dict) -> Plot:
     plt, sns = _pyplot()
-    d = df[df["method"] != "deit"].copy()
+    d = df[df["method"] != DENSE].copy()
     d["series"] = _series(d)
     d["mac_reduction"] = 1.0 / d["gmacs_ratio"]
     d["batch"] = "batch " + d["batch_size"].astype(str)
@@ -210,7 +212,7 @@ def compute_profile(df: pd.DataFrame, runs: dict[str, Run], folder: Path, pal: d
 def _overlay_choice(m: pd.DataFrame, target: float = 0.5) -> pd.DataFrame:
     """Per adaptive method, the budget whose GMACs ratio is nearest ``target``."""
     rows = []
-    for _, g in m[m["method"] != "deit"].groupby(["_run", "method"], sort=False):
+    for _, g in m[m["method"] != DENSE].groupby(["_run", "method"], sort=False):
         rows.append(g.loc[(g["gmacs_ratio"] - target).abs().idxmin()])
     return pd.DataFrame(rows)
 
@@ -272,7 +274,7 @@ def draw_all(df: pd.DataFrame, runs: list[Run], folder: Path) -> list[Plot]:
     by_id = {str(r.path): r for r in runs}
     pal = palette(df)
     plots = [accuracy_vs_gmacs(df, folder, pal), accuracy_vs_speed(df, folder, pal)]
-    if (df["method"] != "deit").any():
+    if (df["method"] != DENSE).any():
         plots.append(speedup_vs_gmacs(df, folder, pal))
     plots.append(compute_profile(df, by_id, folder, pal))
     overlay = token_overlays(df, by_id, folder)

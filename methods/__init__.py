@@ -10,6 +10,7 @@ from . import video  # noqa: F401  (registers the video ViTs with timm)
 from . import timesformer  # noqa: F401  (registers TimeSformer with timm)
 from . import dense  # noqa: F401  (registers `deit`)
 from .base import TracedViT, trace
+from .dense import DENSE
 from .macs import ViTShape, vit_shape
 from .registry import Knob, MethodSpec, TrainData, available, build, get, register
 from .trace import Trace
@@ -23,6 +24,7 @@ for _name in ("ats", "avit", "adavit"):
             raise
 
 __all__ = [
+    "DENSE",
     "Knob",
     "MethodSpec",
     "Trace",

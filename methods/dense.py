@@ -7,8 +7,11 @@ from .base import TracedViT, adapt
 from .registry import MethodSpec, register
 
 
+DENSE = "deit"  # id of the dense reference, the model every ratio and speedup is taken against
+
+
 class DenseViT(TracedViT):
-    bench_method = "deit"
+    bench_method = DENSE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = super().forward(x)
@@ -24,7 +27,7 @@ def _build(vit, mode: str):
 
 SPEC = register(
     MethodSpec(
-        id="deit",
+        id=DENSE,
         paper="Touvron et al. 2021, Training data-efficient image transformers (DeiT)",
         arxiv="2012.12877",
         summary="dense reference: every token through every block",
