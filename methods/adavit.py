@@ -252,40 +252,43 @@ class AdaViT(TracedViT):
 
     # -- compact: the work really removed ------------------------------------------------------
 
+    def _head_and_block_decisions(self, i: int, gates: AdaGates, x: torch.Tensor, rec: dict):
+        """The head and MSA / FFN gates on the CLS vector (blocks 1..): ``(ia, hk, dec)`` with ``ia``
+        the rows with at least one sub-layer on (None: all), ``hk`` their (rows, H) kept heads and
+        ``dec`` per row [attention on, FFN on, head 0 kept, ...], read to the host once per block;
+        ``ia`` is empty when the whole block is skipped."""
+        if gates.head is None:
+            return None, None, None
+        thr = self._thresholds
+        cls = x[:, 0]
+        hk = _eval_decision(gates.head(cls), thr["head"])  # (B, H) bool
+        sk = _eval_decision(gates.block(cls), thr["block"])  # (B, 2) bool
+        rec["heads"][:, i] = hk.sum(1)
+        rec["sublayers"][:, i] = sk
+        dec = torch.cat([sk, hk], 1).tolist()
+        on = [r for r, d in enumerate(dec) if d[0] or d[1]]
+        if len(on) == len(dec):
+            return None, hk, dec
+        ia = torch.tensor(on, dtype=torch.int64, device=x.device)
+        return ia, (hk.index_select(0, ia) if on else hk), [dec[r] for r in on]
+
     def _compact_block(self, i: int, blk: nn.Module, gates: AdaGates, x: torch.Tensor, rec: dict) -> torch.Tensor:
         B, N, C = x.shape
         P = self.num_prefix_tokens
         H = blk.attn.num_heads
         thr = self._thresholds
-        ia = None  # rows of the batch with at least one sub-layer on (None: all)
-        hk = None
-        dec = None  # per row: [attention on, FFN on, head 0 kept, ...], read to the host once per block
-        if gates.head is not None:
-            cls = x[:, 0]
-            hk = _eval_decision(gates.head(cls), thr["head"])  # (B, H) bool
-            sk = _eval_decision(gates.block(cls), thr["block"])  # (B, 2) bool
-            rec["heads"][:, i] = hk.sum(1)
-            rec["sublayers"][:, i] = sk
-            dec = torch.cat([sk, hk], 1).tolist()
-            on = [r for r, d in enumerate(dec) if d[0] or d[1]]
-            if not on:
-                return x  # the whole block skipped: no LN1, no patch gate
-            if len(on) < B:
-                dec = [dec[r] for r in on]
-                ia = torch.tensor(on, device=x.device)
-                hk = hk.index_select(0, ia)
+        ia, hk, dec = self._head_and_block_decisions(i, gates, x, rec)
+        if ia is not None and ia.numel() == 0:
+            return x  # the whole block skipped: no LN1, no patch gate
         xa = x if ia is None else x.index_select(0, ia)
         Ba = xa.shape[0]
         y = blk.norm1(xa)
         keep = _eval_decision(gates.patch(y[:, P:]).squeeze(-1), thr["patch"])
         keep = torch.cat([keep.new_ones(Ba, P), keep], dim=1)  # (Ba, N)
         t = keep.sum(1)
-        if ia is None:
-            rec["patch_keep"][:, i] = keep
-            rec["tokens"][:, i] = t
-        else:
-            rec["patch_keep"][ia, i] = keep
-            rec["tokens"][ia, i] = t
+        rows = slice(None) if ia is None else ia
+        rec["patch_keep"][rows, i] = keep
+        rec["tokens"][rows, i] = t
         # kept tokens of every row, packed without padding (sample-major, token order kept):
         # the token-wise layers (qkv, proj, LN2, FFN) run on exactly these rows; only the
         # attention matmuls see a padded layout (methods/heads.py)
