@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UsageError
@@ -22,6 +23,20 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"bench {_bench_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print bench's version and exit."),
+) -> None:
+    # a callback only so that `bench --version` exists; every command is a subcommand
+    pass
+
 
 METHODS_HELP = "Methods: 'all' or a comma list of ids (`bench list methods`); the dense 'deit' is always included."
 
@@ -38,12 +53,14 @@ def run(
     profile: str = typer.Option("default", "--profile", "-p", help="Profile in bench.toml (`bench list profiles`)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
     data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits')."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="timm VisionTransformer name, or digits_vit."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit (--model: timm's spelling)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5,0.75;avit=20,30'."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (comma list for several)."),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma list of batch sizes to time, e.g. 1,32."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", "--batch-size", "-b", help="Comma list of batch sizes to time, e.g. 1,32 (--batch-size, -b: timm's spelling)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (autocast); comma list for several."),
+    amp: bool = typer.Option(False, "--amp", help="timm's spelling of --precision fp16 (float16 autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last", hidden=True),
     out: Optional[str] = typer.Option(None, "--out", help="Results root folder (a run goes to OUT/<run-id>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Finish an interrupted run: its id, path, or nothing for the latest."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (timing sample choice, anything random at evaluation)."),
@@ -56,7 +73,7 @@ def run(
     crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Eval transform: centre-crop share (default: the backbone's timm config)."),
     interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Eval transform: resize interpolation (bicubic, bilinear, ...)."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Spread cells over devices, one process each, e.g. cuda:0,cuda:1."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the models before measuring."),
+    compile_: bool = typer.Option(False, "--compile", "--torchcompile", help="torch.compile the models before measuring (--torchcompile: timm's spelling)."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: default, unfused, fused, flash, efficient, cudnn, math."),
 ) -> None:
     """Benchmark methods x budgets x devices x precisions x batch sizes and write results and a report."""
@@ -65,6 +82,10 @@ def run(
     from . import report as report_mod
     from . import runner
 
+    precision = _amp_precision(amp, precision)
+    if channels_last:
+        raise UsageError("--channels-last has no bench equivalent: a ViT's tokens have no channels-last layout, and the "
+                         "digits backbone's conv stem is channels-last already; drop the flag")
     flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint,
                  device=device, batch_sizes=batch_sizes, precision=precision, out=out, seed=seed, threads=threads,
                  retrain=retrain or None, skip_corrupt=skip_corrupt or None, devices=devices, compile=compile_ or None,
@@ -97,6 +118,15 @@ def run(
     report_folder = report_mod.write([result], Path(reports))
     console.print(f"results: {result.path}")
     console.print(f"report:  {report_folder / 'leaderboard.md'}")
+
+
+def _amp_precision(amp: bool, precision: str | None) -> str | None:
+    """timm's ``--amp`` is float16 autocast, which is bench's ``--precision fp16``."""
+    if not amp:
+        return precision
+    if precision not in (None, "fp16"):
+        raise UsageError(f"--amp means --precision fp16 but --precision {precision} was also given; pass one of them")
+    return "fp16"
 
 
 def _summary(records: list[dict], run) -> None:
@@ -342,6 +372,7 @@ def main() -> None:
     # background jobs (the handler is inherited as SIG_IGN there).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _normalise_argv(sys.argv[1:])
+    exits, aborts, parse_errors = _parser_exceptions()
     try:
         code = app(args=args, prog_name="bench", standalone_mode=False)
         # Not standalone, typer returns exit codes instead of exiting: 130 is its Ctrl-C.
@@ -350,21 +381,60 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except (UsageError, CheckpointError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except Exception as e:  # click reports usage errors and Ctrl-C this way when not standalone
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            _interrupted()
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+        _error(str(e))
+    except exits as e:
+        sys.exit(e.exit_code)
+    except aborts:
+        _interrupted()
+    except parse_errors as e:  # typer's (or click's) parsing errors: unknown option, bad value, ...
+        _parse_error(e, args)
     except KeyboardInterrupt:
         _interrupted()
+
+
+def _parser_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, abort, parse error) classes. typer >= 0.20 raises its own bundled copy of click's
+    exceptions, older typer raises click's: catch whichever exist."""
+    exits, aborts = [typer.Exit], [typer.Abort]
+    parse_errors = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        parse_errors.append(click.ClickException)
+    return tuple(exits), tuple(aborts), tuple(parse_errors)
+
+
+def _parse_error(e: Exception, args: list[str]) -> None:
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError":  # `bench` or `bench baseline` alone: the help, then why
+        console.print(e.format_message(), markup=False, highlight=False)
+        command = ctx.command_path if ctx is not None else "bench"
+        _error(f"{command} needs a command; pick one of those listed above")
+    command = ctx.command_path if ctx is not None else "bench"
+    message = " ".join(e.format_message().split()).rstrip(".")  # one line, whatever the parser's wrapping
+    _error(f"{message}; see `{command} --help`")
+
+
+def _error(message: str) -> None:
+    """The one line a user gets for bad input, exit code 2."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _bench_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("bench")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
 def _interrupted() -> None:

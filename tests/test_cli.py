@@ -162,3 +162,58 @@ def test_interrupted_run_resumes_without_repeating_cells(tmp_path, sig):
         assert after.loc[after.batch_size == bs, "finished"].item() == stamp
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
     assert len(list(out.iterdir())) == 1  # resumed in place, no second run folder
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        ([], ["bench needs a command"]),
+        (["baseline"], ["bench baseline needs a command"]),
+        (["frobnicate"], ["No such command 'frobnicate'", "bench --help"]),
+        (["run", "--foo"], ["No such option: --foo", "bench run --help"]),
+        (["run", "--seed", "abc"], ["'--seed'", "bench run --help"]),
+        (["compare"], ["Missing argument", "bench compare --help"]),
+        (["run", "--channels-last"], ["--channels-last has no bench equivalent"]),
+        (["run", "--amp", "--precision", "bf16"], ["--amp means --precision fp16"]),
+    ],
+)
+def test_parse_errors_are_one_line(monkeypatch, capsys, args, needles):
+    from conftest import run_main
+
+    code, _, stderr = run_main(monkeypatch, capsys, *args)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for n in needles:
+        assert n in lines[0], (n, stderr)
+
+
+def test_version(monkeypatch, capsys):
+    import importlib.metadata
+
+    from conftest import run_main
+
+    code, stdout, _ = run_main(monkeypatch, capsys, "--version")
+    assert code == 0 and stdout.strip() == f"bench {importlib.metadata.version('bench')}"
+
+
+def test_timm_spellings_are_aliases(monkeypatch, capsys):
+    """--model, --batch-size / -b, --amp and --torchcompile set what --backbone, --batch-sizes,
+    --precision fp16 and --compile set."""
+    from bench import runner
+    from conftest import run_main
+
+    seen = {}
+
+    def fake_execute(cfg, reporter, resume=None, argv=None):
+        seen["cfg"] = cfg
+
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "--model", "deit_tiny_patch16_224",
+                               "--batch-size", "4", "--amp", "--torchcompile")
+    assert code == 0, stderr
+    cfg = seen["cfg"]
+    assert (cfg.backbone, cfg.batch_sizes, cfg.precisions, cfg.compile) == ("deit_tiny_patch16_224", [4], ["fp16"], True)
+    run_main(monkeypatch, capsys, "run", "--profile", "smoke", "-b", "2,8")
+    assert seen["cfg"].batch_sizes == [2, 8]
