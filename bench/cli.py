@@ -225,15 +225,22 @@ def compare(
         console.print(f"note: {note}")
     console.print(compare_mod.summary(cmp))
     if markdown:
-        from .store import atomic_write
-
-        atomic_write(markdown, compare_mod.markdown(cmp, show_all).encode())
+        _write_markdown(markdown, compare_mod.markdown(cmp, show_all))
     failures = cmp.failures()
     if failures:
         err.print(f"[bold red]regression:[/] {', '.join(f'{g}: {n} cell(s)' for g, n in failures.items())} "
                   f"(gates failing: {', '.join(th.fail_on)}; thresholds: --tolerance, [compare] in bench.toml)", soft_wrap=True)
         raise typer.Exit(1)
     console.print("no regression")
+
+
+def _write_markdown(path: Path, text: str) -> None:
+    from .store import atomic_write
+
+    try:
+        atomic_write(path, text.encode())
+    except OSError as e:
+        raise UsageError(f"--markdown {path} cannot be written ({e.strerror or e}); pass a writable path") from None
 
 
 baseline_app = typer.Typer(no_args_is_help=True, help="Baselines that `bench compare` gates against (RESULTS/baselines/<profile>/).")

@@ -272,7 +272,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """The configuration a manifest recorded. A key this version does not know (written by a newer
+        bench) is refused: resuming without the setting it stands for would measure something else."""
+        from dataclasses import fields
+
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        unknown += sorted(f"timing.{k}" for k in set(d.get("timing", {})) - {f.name for f in fields(Timing)})
+        if unknown:
+            raise UsageError(f"the run's configuration has settings this bench does not know ({', '.join(unknown)}); "
+                             "it was written by another bench version: finish it with that version or start a new run")
         d["timing"] = Timing(**d.get("timing", {}))
         return cls(**d)
 

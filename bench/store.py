@@ -7,8 +7,10 @@ lines=True)`` loads in one call, and ``--resume`` can finish it without repeatin
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from .errors import UsageError
 
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
+DAMAGED = "records.damaged.jsonl"  # lines of records.jsonl that could not be read, kept for inspection
 IDENTITY = ("method", "budget", "mode", "device", "precision", "batch_size")
 
 
@@ -118,17 +121,32 @@ class Run:
     def manifest(self) -> dict:
         try:
             return json.loads((self.path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
             raise UsageError(f"{self.path / MANIFEST} cannot be read ({e}); the run folder is damaged") from None
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=2, default=_jsonable) + "\n").encode())
 
     def records(self) -> list[dict]:
+        return [json.loads(line) for line in self._record_lines()[0]]
+
+    def _record_lines(self) -> tuple[list[str], list[str]]:
+        """(good lines, damaged lines) of records.jsonl. A damaged line (half written after a power
+        cut, edited by hand) is skipped with a warning naming it, never taking the good ones along."""
         path = self.path / RECORDS
         if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return [], []
+        good, damaged = [], []
+        for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            problem = _record_problem(line)
+            if problem is None:
+                good.append(line)
+            else:
+                damaged.append(line)
+                _warn_once(f"{path} line {number} is damaged ({problem}); skipped, the other records are used")
+        return good, damaged
 
     def done_keys(self) -> set[str]:
         return {cell_key(r) for r in self.records()}
@@ -136,7 +154,12 @@ class Run:
     def add_record(self, record: dict, raw: dict[str, np.ndarray] | None = None) -> None:
         """Append one finished cell: the whole file is rewritten atomically, never half-written."""
         key = cell_key(record)
-        existing = [r for r in self.records() if cell_key(r) != key]
+        good, damaged = self._record_lines()
+        if damaged:  # moved aside before the rewrite drops them from records.jsonl
+            with open(self.path / DAMAGED, "a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in damaged))
+            _warn_once(f"{len(damaged)} damaged line(s) of {self.path / RECORDS} moved to {self.path / DAMAGED}")
+        existing = [r for r in map(json.loads, good) if cell_key(r) != key]
         if raw:
             raw_name = f"raw/{_safe(key)}.npz"
             raw_path = self.path / raw_name
@@ -168,10 +191,32 @@ class Run:
     def dataframe(self):
         import pandas as pd
 
-        path = self.path / RECORDS
-        if not path.is_file() or not path.read_text().strip():
+        good, _ = self._record_lines()
+        if not good:
             return pd.DataFrame()
-        return pd.read_json(path, lines=True, dtype=False)  # keep '2111.15667' and '0.50' as text
+        return pd.read_json(io.StringIO("\n".join(good)), lines=True, dtype=False)  # keep '2111.15667' and '0.50' as text
+
+
+def _record_problem(line: str) -> str | None:
+    """Why one line of records.jsonl is not a record, or None."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e.msg}, column {e.colno}"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [k for k in IDENTITY if k not in record]
+    return f"no {', '.join(missing)}" if missing else None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """To stderr, once per process: records are read many times during a run."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _safe(key: str) -> str:

@@ -174,6 +174,32 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, monkeypatch, capsys
     assert "Traceback" not in out + err
 
 
+def _damage_last_line(run: Path) -> None:
+    lines = (run / "records.jsonl").read_text().splitlines()
+    (run / "records.jsonl").write_text("\n".join(lines[:-1] + [lines[-1][:40]]) + "\n")  # a half-written line
+
+
+def test_damaged_record_line_on_either_side(run_dir, tmp_path, monkeypatch, capsys):
+    """The damaged cell is skipped with a warning naming the line; the other cells are compared, and a
+    baseline cell lost that way fails the missing gate."""
+    damaged = copy_run(run_dir, tmp_path / "damaged")
+    _damage_last_line(damaged)
+    code, out, err = main("compare", str(run_dir), str(damaged), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "records.jsonl line 6 is damaged" in err and "missing: 1" in err, (out, err)
+    assert "5 cells compared" in out
+    code, out, err = main("compare", str(damaged), str(run_dir), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "5 cells compared" in out and "1 new" in out, (out, err)
+
+
+def test_unwritable_markdown_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, out, err = main("compare", str(run_dir), str(run_dir), "--markdown", str(blocker / "cmp.md"),
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().startswith("error: --markdown") and "cannot be written" in err
+
+
 def test_bad_input_in_a_real_process(run_dir, tmp_path):
     other = copy_run(run_dir, tmp_path / "c", manifest=lambda m: m.update(profile="ci"))
     p = bench("compare", str(run_dir), str(other))

@@ -47,3 +47,34 @@ def test_unwritable_root(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UsageError, match="cannot be written"):
         Run.create(blocker / "results", "p", {})
+
+
+def test_damaged_record_lines_are_skipped_named_and_kept_aside(tmp_path, capsys):
+    """A half-written line (a power cut), a non-object and a record without its identity are skipped
+    with a warning naming the line; the good records are read, and kept when the next cell is added."""
+    run = Run.create(tmp_path, "unit", {"profile": "unit"})
+    run.add_record(rec(1))
+    run.add_record(rec(2))
+    good = (run.path / "records.jsonl").read_text()
+    damaged = ['{"method": "deit", "budget": "fu', "[1, 2]", '{"top1": 3}']
+    (run.path / "records.jsonl").write_text(good + "\n".join(damaged) + "\n")
+    assert [r["batch_size"] for r in run.records()] == [1, 2]
+    assert sorted(run.dataframe()["batch_size"]) == [1, 2]
+    warned = capsys.readouterr().err
+    for number in (3, 4, 5):
+        assert f"records.jsonl line {number} is damaged" in warned
+    run.add_record(rec(4))
+    assert [r["batch_size"] for r in run.records()] == [1, 2, 4]
+    assert (run.path / "records.damaged.jsonl").read_text().splitlines() == damaged
+    assert "moved to" in capsys.readouterr().err
+
+
+def test_manifest_config_of_another_version_is_refused(tmp_path):
+    from bench.config import RunConfig, resolve
+
+    d = resolve("smoke").to_dict()
+    with pytest.raises(UsageError, match="settings this bench does not know .*future_knob"):
+        RunConfig.from_dict({**d, "future_knob": 1})
+    with pytest.raises(UsageError, match="timing.spin"):
+        RunConfig.from_dict({**d, "timing": {**d["timing"], "spin": 3}})
+    assert RunConfig.from_dict(d) == resolve("smoke")
