@@ -50,7 +50,7 @@ def _reporter(quiet: bool):
 @app.command()
 def run(
     methods_: Optional[str] = typer.Option(None, "--methods", "-m", help=METHODS_HELP),
-    profile: str = typer.Option("default", "--profile", "-p", help="Profile in bench.toml (`bench list profiles`)."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (`bench list profiles`; default: default)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
     data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits')."),
     backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit (--model: timm's spelling)."),
@@ -93,18 +93,19 @@ def run(
     transform = {k: v for k, v in (("crop_pct", crop_pct), ("interpolation", interpolation)) if v is not None}
     if transform:
         flags["transform"] = transform
-    if budgets:
+    if budgets is not None:
         flags["budgets"] = budgets_mod.parse_cli(budgets)
     if batch_sizes:
         try:
             flags["batch_sizes"] = [int(b) for b in batch_sizes.split(",") if b.strip()]
         except ValueError:
             raise UsageError(f"--batch-sizes '{batch_sizes}' must be a comma list of integers, e.g. 1,32") from None
-    cfg = config_mod.resolve(profile, config, **flags)
     if resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in ("retrain", "out", "skip_corrupt")]
+        given = [f"--{k.replace('_', '-')}" for k, v in {**flags, "profile": profile, "config": config}.items()
+                 if v is not None and k not in ("retrain", "out", "skip_corrupt")]
         if given:
             raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
+    cfg = config_mod.resolve(profile or "default", config, **flags)
     reporter = _reporter(quiet)
     result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
     if result is None:  # a torchrun rank other than 0: rank 0 reports
@@ -336,6 +337,7 @@ def train(
     from . import config as config_mod
 
     cfg = config_mod.resolve(profile, config, retrain=True)
+    config_mod.check_values(cfg)
     reporter = _reporter(quiet)
     from . import datasets
 

@@ -20,8 +20,8 @@ from methods.convert import implied_budgets, load_strict
 
 from . import budgets as budgets_mod
 from . import cache, datasets, kernels, measure, parallel, tokenmap
-from .config import RunConfig
-from .errors import UsageError
+from .config import RunConfig, check_values
+from .errors import UsageError, warn
 from .progress import Reporter
 from .store import Run, cell_key
 from .train import TrainConfig, train_digits_backbone
@@ -33,7 +33,9 @@ from .train import TrainConfig, train_digits_backbone
 
 def resolve_methods(names: list[str]) -> list[str]:
     known = [s.id for s in methods.available()]
-    if not names or names == ["all"]:
+    if not names:  # `--methods=` or `--methods ,`: nothing chosen is not "everything"
+        raise UsageError("no method given; pass --methods all or a comma list of ids (`bench list methods`)")
+    if names == ["all"]:
         return known
     out = []
     for n in names:
@@ -82,11 +84,12 @@ def validate(cfg: RunConfig) -> tuple[list[str], list[torch.device]]:
     for p in cfg.precisions:
         if p not in measure.PRECISIONS:
             raise UsageError(f"unknown precision '{p}'; use one of {', '.join(measure.PRECISIONS)}")
-    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
-        raise UsageError(f"batch sizes must be positive integers, got {cfg.batch_sizes}")
-    for m in cfg.budgets:
+    check_values(cfg)
+    for m, given in cfg.budgets.items():
         if m not in [s.id for s in methods.available()]:
             raise UsageError(f"budgets given for unknown method '{m}'; known: {', '.join(s.id for s in methods.available())}")
+        if not given:
+            raise UsageError(f"{cfg.config_path}: budgets.{m} is empty; list at least one budget (e.g. [\"full\"]) or drop the key")
     for m in method_ids:  # parse every budget now, so a typo fails before any work
         for b in budgets_mod.for_method(m, cfg.budgets):
             budgets_mod.parse(m, b)
@@ -148,6 +151,7 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
             conv = load_backbone(vit, path)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
+        _warn_non_finite(vit, path)
         info = {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path), "checkpoint_layout": conv.layout}
         return vit.eval(), {**info, "_method_states": conv.method_states}
     if not datasets.is_embedded(cfg):
@@ -163,6 +167,13 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
         reporter.print(f"backbone: cached checkpoint {path}")
     load_checkpoint(vit, path)
     return vit.eval(), {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path), "checkpoint_key": key}
+
+
+def _warn_non_finite(vit: nn.Module, path: Path) -> None:
+    """NaN or inf weights run, but every prediction they make is meaningless: say so."""
+    bad = [k for k, v in vit.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warn(f"checkpoint {path} has NaN or inf values in {len(bad)} tensor(s) (first: {bad[0]}); its accuracy is meaningless")
 
 
 def train_backbone(cfg: RunConfig, vit: nn.Module, key: str, reporter: Reporter, folder: Path | None = None) -> Path:

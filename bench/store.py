@@ -10,14 +10,13 @@ import datetime as _dt
 import io
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, warn
 
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
@@ -145,7 +144,7 @@ class Run:
                 good.append(line)
             else:
                 damaged.append(line)
-                _warn_once(f"{path} line {number} is damaged ({problem}); skipped, the other records are used")
+                warn(f"{path} line {number} is damaged ({problem}); skipped, the other records are used")
         return good, damaged
 
     def done_keys(self) -> set[str]:
@@ -158,7 +157,7 @@ class Run:
         if damaged:  # moved aside before the rewrite drops them from records.jsonl
             with open(self.path / DAMAGED, "a", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in damaged))
-            _warn_once(f"{len(damaged)} damaged line(s) of {self.path / RECORDS} moved to {self.path / DAMAGED}")
+            warn(f"{len(damaged)} damaged line(s) of {self.path / RECORDS} moved to {self.path / DAMAGED}")
         existing = [r for r in map(json.loads, good) if cell_key(r) != key]
         if raw:
             raw_name = f"raw/{_safe(key)}.npz"
@@ -207,16 +206,6 @@ def _record_problem(line: str) -> str | None:
         return f"a JSON {type(record).__name__}, not an object"
     missing = [k for k in IDENTITY if k not in record]
     return f"no {', '.join(missing)}" if missing else None
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """To stderr, once per process: records are read many times during a run."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        print(f"warning: {message}", file=sys.stderr)
 
 
 def _safe(key: str) -> str:

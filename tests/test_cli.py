@@ -217,3 +217,39 @@ def test_timm_spellings_are_aliases(monkeypatch, capsys):
     assert (cfg.backbone, cfg.batch_sizes, cfg.precisions, cfg.compile) == ("deit_tiny_patch16_224", [4], ["fp16"], True)
     run_main(monkeypatch, capsys, "run", "--profile", "smoke", "-b", "2,8")
     assert seen["cfg"].batch_sizes == [2, 8]
+
+
+TINY_PROFILE = '[profiles.p]\nbatch_sizes = [1]\nmethods = "deit"\n'
+
+
+@pytest.mark.parametrize(
+    "args, toml, needles",
+    [
+        (["--methods="], "", ["no method given"]),
+        (["--methods", ","], "", ["no method given"]),
+        (["--budgets", "avit="], "", ["gives method 'avit' no budget"]),
+        (["--budgets", ";"], "", ["names no method"]),
+        ([], "[profiles.p.budgets]\nats = []\n", ["budgets.ats is empty"]),
+        (["--threads", "0"], "", ["--threads", "got 0"]),
+        (["--crop-pct", "0"], "", ["no resize or crop", "crop_pct"]),
+        (["--interpolation", "foo"], "", ["no resize or crop", "interpolation"]),
+        ([], "test_samples = -5\n", ["test_samples must be at least 1", "got -5"]),
+        ([], "test_samples = 0\n", ["test_samples must be at least 1"]),
+        ([], "eval_batch_size = 0\n", ["eval_batch_size must be at least 1"]),
+        (["--resume", "latest", "--profile", "ci"], "", ["--resume", "drop --profile"]),
+    ],
+)
+def test_silently_wrong_settings_are_refused(tmp_path, monkeypatch, capsys, args, toml, needles):
+    """Each of these used to run something other than what was asked, without a word."""
+    from conftest import run_main
+
+    body = toml if "test_samples" in toml else "test_samples = 200\n" + toml
+    (tmp_path / "bench.toml").write_text(TINY_PROFILE + body)
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--config", str(tmp_path / "bench.toml"), "--profile", "p",
+                               "--out", str(tmp_path / "r"), "-q", *args)
+    assert code == 2, stderr
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing measured
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for n in needles:
+        assert n in lines[0], (n, stderr)
