@@ -90,6 +90,19 @@ def test_regressions_fail_with_exit_1(run_dir, tmp_path, monkeypatch, capsys, wh
         assert code == 0, (out, err)
 
 
+def test_out_of_memory_cell_fails_as_missing(run_dir, tmp_path, monkeypatch, capsys):
+    """A cell that ran out of memory (NaN speed) is no measurement: it fails the missing gate."""
+    nan = float("nan")
+    cur = copy_run(run_dir, tmp_path / "cur", _set(_ats(bs=4), status="oom", speedup=nan, img_per_s=nan, latency_ms_p50=nan,
+                                                   latency_ms_p90=nan, batch_size_run=0), quiet_timing=True)
+    code, out, err = main("compare", str(run_dir), str(cur), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "missing: 1" in err, (out, err)
+    assert "out of memory" in out and "1 out of memory" in out
+    code, out, err = main("compare", str(run_dir), str(cur), "--fail-on", "accuracy,gmacs,speed",
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, (out, err)
+
+
 def test_small_changes_within_thresholds_pass(run_dir, tmp_path, monkeypatch, capsys):
     edit = _set(_ats(bs=4), top1=lambda v: v - 0.5, gmacs=lambda v: v * 1.001, speedup=lambda v: v * 0.85)
     cur = copy_run(run_dir, tmp_path / "cur", edit)
