@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -79,7 +79,6 @@ def run(
     """Benchmark methods x budgets x devices x precisions x batch sizes and write results and a report."""
     from . import budgets as budgets_mod
     from . import config as config_mod
-    from . import report as report_mod
     from . import runner
 
     precision = _amp_precision(amp, precision)
@@ -107,16 +106,30 @@ def run(
             raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
     cfg = config_mod.resolve(profile or "default", config, **flags)
     reporter = _reporter(quiet)
-    result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
+    try:
+        result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
+    except KeyboardInterrupt:
+        raise Interrupted("cells finished so far are saved; finish with `bench run --resume`") from None
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
+    try:
+        _finish(result, Path(reports))
+    except KeyboardInterrupt:
+        raise Interrupted(f"run {result.path} is complete; its report was not finished: "
+                          f"`bench report {result.id} --results {result.path.parent}` writes it") from None
+
+
+def _finish(result, reports: Path) -> None:
+    """The tables of a finished run, and its report."""
+    from . import report as report_mod
+
     records = result.records()
     _summary(records, result)
     _paper_table(records, result)
     skipped = result.manifest().get("dataset", {}).get("skipped_corrupt")
     if skipped:
         err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {result.path / 'manifest.json'}")
-    report_folder = report_mod.write([result], Path(reports))
+    report_folder = report_mod.write([result], reports)
     console.print(f"results: {result.path}")
     console.print(f"report:  {report_folder / 'leaderboard.md'}")
 
@@ -374,12 +387,23 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from methods.backbones import CheckpointError
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
+    # Signals first, so that Ctrl-C or SIGTERM while torch is still being imported ends as cleanly as later.
     # Ctrl-C must stop a run cleanly even when started from a shell that ignores SIGINT for
     # background jobs (the handler is inherited as SIG_IGN there).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main()
+    except Interrupted as e:
+        _interrupted(str(e))
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+def _main() -> None:
+    from methods.backbones import CheckpointError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
     args = _normalise_argv(sys.argv[1:])
     exits, aborts, parse_errors = _parser_exceptions()
     try:
@@ -397,8 +421,6 @@ def main() -> None:
         _interrupted()
     except parse_errors as e:  # typer's (or click's) parsing errors: unknown option, bad value, ...
         _parse_error(e, args)
-    except KeyboardInterrupt:
-        _interrupted()
 
 
 def _parser_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -446,9 +468,20 @@ def _bench_version() -> str:
         return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
-def _interrupted() -> None:
-    err.print("[bold red]interrupted:[/] cells finished so far are saved; finish with `bench run --resume`", soft_wrap=True)
-    sys.exit(130)
+_terminated = False  # SIGTERM, not Ctrl-C: the exit code says which
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler, `kill`, a CI timeout) stops a run the way Ctrl-C does: the run's
+    manifest says 'interrupted' and what was finished is kept."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _interrupted(message: str | None = None) -> None:
+    err.print(f"[bold red]interrupted:[/] {escape(message or 'stopped before the end')}", soft_wrap=True)
+    sys.exit(128 + signal.SIGTERM if _terminated else 130)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, with what was kept and what to do next (a KeyboardInterrupt would lose the
+    message on its way through typer)."""
+
+
 class UsageError(Exception):
     """Bad input: the message says what was wrong and what to do."""
 

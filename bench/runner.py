@@ -391,16 +391,29 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
         else:
             _run_groups(cfg, run, groups, vit, backbone_info, evalset, reporter, d)
             parallel.finish(d)
-    except KeyboardInterrupt:
-        manifest = run.manifest()
-        manifest["status"] = "interrupted"
-        run.write_manifest(manifest)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (bench.cli turns it into this)
+        _set_status(run, "interrupted")
+        raise
+    except Exception as e:  # a bad image, a bad setting met late, a bug: the manifest says so, not "running"
+        _set_status(run, f"failed: {failure_reason(e)}")
         raise
     manifest = run.manifest()
     manifest["status"] = "complete"
     manifest["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     run.write_manifest(manifest)
     return run
+
+
+def _set_status(run: Run, status: str) -> None:
+    manifest = run.manifest()
+    manifest["status"] = status
+    run.write_manifest(manifest)
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line for the manifest: the error's first line (or its type), at most 300 characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]
 
 
 def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Module, backbone_info: dict,

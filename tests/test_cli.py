@@ -139,7 +139,7 @@ def _start(out: Path, *extra) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["killed", "ctrl-c", "terminated"])
 def test_interrupted_run_resumes_without_repeating_cells(tmp_path, sig):
     out = tmp_path / "results"
     proc = _start(out)
@@ -147,8 +147,8 @@ def test_interrupted_run_resumes_without_repeating_cells(tmp_path, sig):
     proc.send_signal(sig)
     proc.wait(timeout=120)
     stderr = proc.stderr.read()
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130, stderr[-2000:]
+    if sig != signal.SIGKILL:
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], stderr[-2000:]
         assert "Traceback" not in stderr and "interrupted" in stderr
         assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
     before = pd.read_json(run_dir / "records.jsonl", lines=True, dtype=False)  # still readable
@@ -253,3 +253,54 @@ def test_silently_wrong_settings_are_refused(tmp_path, monkeypatch, capsys, args
     assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     for n in needles:
         assert n in lines[0], (n, stderr)
+
+
+def test_a_run_stopped_by_an_error_says_failed(tmp_path, monkeypatch):
+    from bench import config, runner
+    from bench.progress import Reporter
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder exploded\nsecond line")
+
+    monkeypatch.setattr(runner, "_run_groups", broken)
+    cfg = config.resolve("smoke", methods="deit", batch_sizes=[1], out=str(tmp_path / "results"))
+    with pytest.raises(RuntimeError):
+        runner.execute(cfg, Reporter(quiet=True))
+    (run_dir,) = (tmp_path / "results").iterdir()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed: decoder exploded"
+
+
+def test_ctrl_c_during_the_report_of_a_complete_run(tmp_path, monkeypatch, capsys):
+    """The run is complete: the message names `bench report`, not a resume."""
+    from bench import report, runner
+    from bench.store import Run
+    from conftest import run_main
+
+    done = Run.create(tmp_path / "results", "smoke", {"status": "complete"})
+    monkeypatch.setattr(runner, "execute", lambda *a, **k: done)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write", interrupted)
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "-q")
+    assert code == 130 and "Traceback" not in stderr
+    assert "is complete" in stderr and f"bench report {done.id}" in stderr and "--resume" not in stderr
+
+
+def test_ctrl_c_while_torch_is_imported(monkeypatch, capsys):
+    """Ctrl-C in the first seconds lands in the heavy imports: one line, exit 130, no traceback."""
+    import importlib.abc
+    import sys
+
+    from conftest import run_main
+
+    class CtrlCOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "methods.backbones":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "methods.backbones", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
+    code, _, stderr = run_main(monkeypatch, capsys, "list", "methods")
+    assert code == 130 and stderr.strip().startswith("interrupted:") and "Traceback" not in stderr
