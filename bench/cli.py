@@ -128,10 +128,10 @@ def _finish(result, reports: Path) -> None:
     _paper_table(records, result)
     skipped = result.manifest().get("dataset", {}).get("skipped_corrupt")
     if skipped:
-        err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {result.path / 'manifest.json'}")
+        err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {escape(str(result.path / 'manifest.json'))}")
     report_folder = report_mod.write([result], reports)
-    console.print(f"results: {result.path}")
-    console.print(f"report:  {report_folder / 'leaderboard.md'}")
+    console.print(f"results: {result.path}", markup=False)
+    console.print(f"report:  {report_folder / 'leaderboard.md'}", markup=False)
 
 
 def _amp_precision(amp: bool, precision: str | None) -> str | None:
@@ -204,9 +204,9 @@ def report(
 
     chosen = [Run.find(Path(results), r) for r in (runs or ["latest"])]
     folder = report_mod.write(chosen, Path(out))
-    console.print(f"report: {folder / 'leaderboard.md'}")
-    console.print(f"csv:    {folder / 'leaderboard.csv'}")
-    console.print(f"html:   {folder / 'report.html'}")
+    console.print(f"report: {folder / 'leaderboard.md'}", markup=False)
+    console.print(f"csv:    {folder / 'leaderboard.csv'}", markup=False)
+    console.print(f"html:   {folder / 'report.html'}", markup=False)
 
 
 @app.command()
@@ -236,14 +236,14 @@ def compare(
     if table.row_count:
         console.print(table)
     for note in cmp.notes:
-        console.print(f"note: {note}")
-    console.print(compare_mod.summary(cmp))
+        console.print(f"note: {note}", markup=False)
+    console.print(compare_mod.summary(cmp), markup=False)
     if markdown:
         _write_markdown(markdown, compare_mod.markdown(cmp, show_all))
     failures = cmp.failures()
     if failures:
         err.print(f"[bold red]regression:[/] {', '.join(f'{g}: {n} cell(s)' for g, n in failures.items())} "
-                  f"(gates failing: {', '.join(th.fail_on)}; thresholds: --tolerance, [compare] in bench.toml)", soft_wrap=True)
+                  f"(gates failing: {', '.join(th.fail_on)}; thresholds: --tolerance, \\[compare] in bench.toml)", soft_wrap=True)
         raise typer.Exit(1)
     console.print("no regression")
 
@@ -273,7 +273,7 @@ def baseline_update(
 
     run_ = Run.find(Path(results), run_ref)
     dest, previous = compare_mod.update_baseline(run_, Path(to) if to else Path(results) / compare_mod.BASELINES)
-    console.print(f"baseline: {dest} <- run {run_.id}" + (f" (replaced run {previous})" if previous else " (new)"))
+    console.print(f"baseline: {dest} <- run {run_.id}" + (f" (replaced run {previous})" if previous else " (new)"), markup=False)
 
 
 LIST_WHAT = ("methods", "datasets", "profiles", "budgets")
@@ -372,8 +372,8 @@ def train(
         knobs = budgets_mod.parse(target, budget) if budget else {}
         runner.method_weights(cfg, spec, vit, knobs, info, reporter)
         return
-    console.print(f"checkpoint: {path}")
-    console.print(f"sha256:     {cache.file_sha256(path)}")
+    console.print(f"checkpoint: {path}", markup=False)
+    console.print(f"sha256:     {cache.file_sha256(path)}", markup=False)
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:

@@ -164,7 +164,7 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
     if path is None:
         path = train_backbone(cfg, vit, key, reporter)
     else:
-        reporter.print(f"backbone: cached checkpoint {path}")
+        reporter.print(f"backbone: cached checkpoint {path}", markup=False)
     load_checkpoint(vit, path)
     return vit.eval(), {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path), "checkpoint_key": key}
 
@@ -178,11 +178,12 @@ def _warn_non_finite(vit: nn.Module, path: Path) -> None:
 
 def train_backbone(cfg: RunConfig, vit: nn.Module, key: str, reporter: Reporter, folder: Path | None = None) -> Path:
     tc = train_config(cfg)
-    reporter.print(f"backbone: no cached checkpoint for this configuration (key {key}); training {cfg.backbone} ({tc.epochs} epochs)")
+    reporter.print(f"backbone: no cached checkpoint for this configuration (key {key}); training {cfg.backbone} ({tc.epochs} epochs)",
+                   markup=False)
     metrics = train_digits_backbone(vit, datasets.embedded_config(cfg), tc, reporter, data=datasets.embedded_data(cfg))
     meta = {"key": backbone_key(cfg), "val_top1": metrics["val_top1"], "train_seconds": round(metrics["train_seconds"], 1)}
     path = cache.save(vit.state_dict(), cfg.backbone, key, meta, folder)
-    reporter.print(f"backbone: val top-1 {metrics['val_top1']:.2%} after {metrics['train_seconds']:.0f} s; saved {path}")
+    reporter.print(f"backbone: val top-1 {metrics['val_top1']:.2%} after {metrics['train_seconds']:.0f} s; saved {path}", markup=False)
     return path
 
 
@@ -233,7 +234,7 @@ def method_weights(
             metrics = spec.train(model, data, settings, bar)
         path = cache.save(model.state_dict(), name, key, {"key": key_obj, **(metrics or {})})
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
-        reporter.print(f"{spec.id}: fine-tuned {shown}; saved {path}")
+        reporter.print(f"{spec.id}: fine-tuned {shown}; saved {path}", markup=False)
     from safetensors.torch import load_file
 
     return load_file(str(path)), {"finetuned": True, "method_checkpoint": str(path), "method_checkpoint_sha256": cache.file_sha256(path)}
@@ -332,7 +333,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
         skip_corrupt = cfg.skip_corrupt  # the one flag a resume may add: a run stopped by a corrupt video
         cfg = RunConfig.from_dict(run.manifest()["config"])
         cfg.skip_corrupt = cfg.skip_corrupt or skip_corrupt
-        reporter.print(f"resuming run {run.path} ({len(run.records())} cells already done)")
+        reporter.print(f"resuming run {run.path} ({len(run.records())} cells already done)", markup=False)
     for m, b in implied_budgets(cfg.checkpoint).items():  # official A-ViT: the gate is in the file name
         cfg.budgets.setdefault(m, b)
     if cfg.workers:
@@ -380,7 +381,8 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     total_cells = len(groups) * len(cfg.batch_sizes)
     manifest["planned_cells"] = total_cells
     run.write_manifest(manifest)
-    reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}")
+    reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}",
+                   markup=False)
 
     try:
         if cfg.workers:

@@ -304,3 +304,23 @@ def test_ctrl_c_while_torch_is_imported(monkeypatch, capsys):
     monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
     code, _, stderr = run_main(monkeypatch, capsys, "list", "methods")
     assert code == 130 and stderr.strip().startswith("interrupted:") and "Traceback" not in stderr
+
+
+def test_square_brackets_survive_in_messages(tmp_path, monkeypatch, capsys):
+    """Text such as [profiles.NAME] or [video] is not taken for rich markup and dropped."""
+    from conftest import run_main
+
+    (tmp_path / "empty.toml").write_text("")
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--config", str(tmp_path / "empty.toml"))
+    assert code == 2 and "defines no [profiles.NAME] table" in stderr, stderr
+
+
+def test_reporter_keeps_brackets(capsys):
+    from rich.console import Console
+
+    from bench.progress import Reporter
+
+    reporter = Reporter(console=Console(stderr=True, force_terminal=False, width=200))
+    with reporter.bar("eval [ats] 0.5", 1) as bar:
+        bar.note("epoch [1/2] done")
+    assert "eval [ats] 0.5: epoch [1/2] done" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def test_regressions_fail_with_exit_1(run_dir, tmp_path, monkeypatch, capsys, wh
     cur = copy_run(run_dir, tmp_path / "cur", edit, quiet_timing=True)
     code, out, err = main("compare", str(base), str(cur), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1, (out, err)
-    assert f"{gate}:" in err and "regression" in err
+    assert f"{gate}:" in err and "regression" in err and "[compare] in bench.toml" in err
     assert ("missing" if what == "missing" else "REGRESSED") in out
     # the same change passes when that gate is not failing, or its tolerance allows it
     code, out, err = main("compare", str(base), str(cur), "--fail-on",
