@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
-from .store import IDENTITY, MANIFEST, RECORDS, Run
+from .store import IDENTITY, MANIFEST, RECORDS, Run, umask_mode
 
 GATES = ("accuracy", "gmacs", "speed", "missing", "stale")
 TOLERANCE_KEYS = {"accuracy": "accuracy_points", "gmacs": "gmacs_rel", "speed": "speed_rel"}
@@ -376,6 +376,7 @@ def update_baseline(run: Run, root: Path) -> tuple[Path, str | None]:
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{profile}.new-"))
+        tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would become the baseline folder's mode
     except OSError as e:
         raise UsageError(f"baseline folder {root} cannot be written ({e.strerror or e})") from None
     try:

@@ -24,12 +24,21 @@ DAMAGED = "records.damaged.jsonl"  # lines of records.jsonl that could not be re
 IDENTITY = ("method", "budget", "mode", "device", "precision", "batch_size")
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """The mode open() or mkdir() would give (``base`` less the umask). Temporary files are made
+    0600 (folders 0700), which would keep other users and a web server out of results and reports."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), umask_mode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -165,6 +174,7 @@ class Run:
             raw_path.parent.mkdir(exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=raw_path.parent, suffix=".npz", delete=False) as f:
                 np.savez_compressed(f, **raw)
+                os.fchmod(f.fileno(), umask_mode())
             os.replace(f.name, raw_path)
             record = {**record, "raw": raw_name}
         lines = [dumps(r) for r in existing + [record]]

@@ -78,3 +78,24 @@ def test_manifest_config_of_another_version_is_refused(tmp_path):
     with pytest.raises(UsageError, match="timing.spin"):
         RunConfig.from_dict({**d, "timing": {**d["timing"], "spin": 3}})
     assert RunConfig.from_dict(d) == resolve("smoke")
+
+
+def test_files_get_the_umask_mode(tmp_path):
+    """Results are readable by whoever the umask lets read them (a web server serving report.html),
+    not 0600 as the temporary files they are renamed from."""
+    import os
+
+    from bench.store import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        run = Run.create(tmp_path, "unit", {"profile": "unit"})
+        run.add_record(rec(1), {"iter_seconds": np.array([0.1])})
+        atomic_write(tmp_path / "report.html", b"<html>")
+        files = [run.path / "manifest.json", run.path / "records.jsonl", run.path / run.records()[0]["raw"], tmp_path / "report.html"]
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+        os.umask(0o077)
+        atomic_write(tmp_path / "private.txt", b"x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
