@@ -229,6 +229,7 @@ def test_baseline_update_and_compare_by_profile_name(run_dir, tmp_path, monkeypa
     assert "(new)" in out and (base / "records.jsonl").read_text() == (run_dir / "records.jsonl").read_text()
     assert Run(base).manifest()["baseline_of"] == run_dir.name
     assert all(Run(base).raw(r) for r in Run(base).records())  # per-sample correctness travels along
+    assert base.stat().st_mode & 0o777 == (results / "baselines").stat().st_mode & 0o777  # the umask's, not mkdtemp's 0700
     code, out, err = main("compare", "smoke", run_dir.name, "--results", str(results), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and "no regression" in out, err
     # a second update replaces it and says what it replaced
