@@ -33,6 +33,11 @@ class EvalSet:
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one model input (one view of a video), known without decoding anything."""
+        raise NotImplementedError
+
 
 def shard_starts(n: int, batch_size: int, shard: tuple[int, int]) -> range:
     """First indices of the batches of shard ``(rank, world)``: whole batches dealt round-robin, so
@@ -57,6 +62,10 @@ class TensorEvalSet(EvalSet):
         idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))[: min(count, self.n)]
         return self.images[idx].contiguous()
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
 
 class FolderEvalSet(EvalSet):
     """Images on disk, decoded with PIL in DataLoader workers."""
@@ -74,6 +83,10 @@ class FolderEvalSet(EvalSet):
     @property
     def n(self) -> int:
         return len(self.dataset)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.input_size)
 
     def _check(self, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows to keep; an unreadable image stops the run by path unless ``skip_corrupt``."""

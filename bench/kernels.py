@@ -73,7 +73,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 def is_oom(error: BaseException) -> bool:
     from timm.utils import check_batch_size_retry
 
-    oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    text = str(error).lower()
+    # CPU: "DefaultCPUAllocator: can't allocate memory", which backs off the way a GPU's OOM does
+    oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
     return oom and check_batch_size_retry(str(error))
 
 

@@ -286,6 +286,27 @@ def check_methods_fit(cfg: RunConfig, groups: list[Group], vit: nn.Module) -> No
             raise UsageError(f"method '{method}' cannot run on backbone '{cfg.backbone}' ({e}); choose others with --methods") from None
 
 
+def device_memory(dev: torch.device) -> int:
+    """Bytes of memory the device has in all."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_batch_memory(cfg: RunConfig, evalset: datasets.EvalSet, devices: list[torch.device]) -> None:
+    """A batch size whose fp32 inputs alone exceed the device's memory cannot run at any setting:
+    refuse it now, not with an allocation error after the backbone is trained."""
+    view_bytes = 4 * int(np.prod(evalset.sample_shape))
+    batches = [("--batch-sizes", b, b * view_bytes) for b in cfg.batch_sizes]  # timing: one view per input
+    batches.append(("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size * (evalset.views or 1) * view_bytes))
+    for dev in devices:
+        capacity = device_memory(dev)
+        for what, bs, need in batches:
+            if need > capacity:
+                raise UsageError(f"{what} {bs}: one batch of inputs alone takes {need / 2**30:.1f} GiB, more than "
+                                 f"the {capacity / 2**30:.1f} GiB of {dev}; pick a smaller batch size")
+
+
 def git_commit() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -356,6 +377,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
         ensure_writable(run.path if resume else root)  # fail before any training or measuring
     vit = create_backbone(cfg)
     evalset = datasets.load(cfg, vit)
+    check_batch_memory(cfg, evalset, devices)
     groups = plan(cfg, method_ids, devices)
     check_methods_fit(cfg, groups, vit)
     for g in groups if d.active else ():  # rank r runs on cuda:LOCAL_RANK; the cells keep the asked device

@@ -324,3 +324,22 @@ def test_reporter_keeps_brackets(capsys):
     with reporter.bar("eval [ats] 0.5", 1) as bar:
         bar.note("epoch [1/2] done")
     assert "eval [ats] 0.5: epoch [1/2] done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, toml, needles",
+    [
+        (["--threads", "100000"], "", ["--threads", "between 1 and"]),
+        (["--seed", "-1"], "", ["--seed", "between 0 and 4294967295"]),
+        (["--seed", str(10**20)], "", ["--seed", "got 100000000000000000000"]),
+        (["--batch-sizes", "1000000000"], "", ["--batch-sizes 1000000000", "GiB, more than"]),
+        ([], "[profiles.p.model]\ndepth = 0\n", ["model.depth must be at least 1, got 0"]),
+        ([], "[profiles.p.timing]\ntiming_samples = 0\n", ["timing.timing_samples must be at least 1"]),
+        ([], "[profiles.p.digits]\nn_test = 0\n", ["digits.n_test must be at least 1"]),
+        ([], "[profiles.p.digits]\ncanvas = 7\n", ["digits.canvas must be at least 8"]),
+    ],
+)
+def test_out_of_range_values_are_refused_up_front(tmp_path, monkeypatch, capsys, args, toml, needles):
+    """Each of these crashed (segfault, MemoryError, ZeroDivisionError, allocation error) or, for
+    model.depth = 0, trained and cached a backbone first."""
+    test_silently_wrong_settings_are_refused(tmp_path, monkeypatch, capsys, args, toml, needles)

@@ -89,3 +89,15 @@ def test_other_runtime_errors_are_not_mistaken_for_oom():
         return "ok"
 
     assert kernels.with_backoff(fits_at_2, 16, torch.device("cpu")) == ("ok", 2, [16, 12, 8, 6, 4, 3])
+
+
+def test_cpu_allocation_failure_backs_off_like_an_oom():
+    from bench.kernels import with_backoff
+
+    def fn(bs):
+        if bs > 16:
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {bs * 10**12} bytes.")
+        return bs
+
+    result, ran, failed = with_backoff(fn, 64, torch.device("cpu"))
+    assert result == ran <= 16 and failed and failed[0] == 64
