@@ -168,12 +168,16 @@ def default_config_path() -> Path:
 
 def load_file(path: Path | None = None) -> tuple[dict, Path]:
     path = Path(path) if path else default_config_path()
+    if path.is_dir():
+        raise UsageError(f"config {path} is a folder; pass --config the bench.toml file itself")
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist; pass --config PATH or run from the project folder")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, as TOML requires") from None
     validate(data, FILE_SCHEMA, str(path))
     if not data.get("profiles"):
         raise UsageError(f"{path}: defines no [profiles.NAME] table")

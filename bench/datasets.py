@@ -93,7 +93,8 @@ class FolderEvalSet(EvalSet):
         bad = (labels < 0).nonzero().flatten()
         if len(bad) and not self.skip_corrupt:
             path = self.dataset.items[int(index[bad[0]])][0]
-            raise UsageError(f"cannot read image {path} (corrupt or not an image); remove it from the data folder or pass --skip-corrupt")
+            raise UsageError(f"cannot read image {path} (corrupt, not an image, or over PIL's decompression-bomb pixel limit); "
+                             "remove it from the data folder or pass --skip-corrupt")
         for i in index[bad].tolist():
             self.skipped[int(i)] = str(self.dataset.items[int(i)][0])
         return labels >= 0

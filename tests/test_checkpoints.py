@@ -201,3 +201,9 @@ def test_non_finite_checkpoint_is_warned_about(tmp_path, capsys):
     cfg.checkpoint = str(tmp_path / "fine.safetensors")
     runner.prepare_backbone(cfg, runner.create_backbone(cfg), Reporter(quiet=True))
     assert "NaN" not in capsys.readouterr().err
+
+
+def test_a_folder_as_checkpoint_is_named_a_folder(tmp_path, monkeypatch, capsys):
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "--checkpoint", str(tmp_path),
+                               "--out", str(tmp_path / "results"), "-q")
+    assert code == 2 and f"checkpoint {tmp_path} is a folder" in stderr and "does not exist" not in stderr, stderr

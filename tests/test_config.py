@@ -89,3 +89,12 @@ def test_repeated_values_are_measured_once():
     cells = [tuple(g.identity(b).values()) for g in groups for b in cfg.batch_sizes]
     assert len(cells) == len(set(cells)) == 6  # deit full + ats 0.5, 0.25; batch 1 and 8
     assert methods.get("ats")  # the registry the plan used
+
+
+def test_config_that_is_not_utf8_or_is_a_folder(tmp_path):
+    p = tmp_path / "bench.toml"
+    p.write_bytes(b"[profiles.default]\ndescription = '\xff\xfe'\n")
+    with pytest.raises(UsageError, match="not UTF-8 text"):
+        config.load_file(p)
+    with pytest.raises(UsageError, match="is a folder; pass --config the bench.toml file itself"):
+        config.load_file(tmp_path)

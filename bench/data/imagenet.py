@@ -109,7 +109,7 @@ class ImageFiles(Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")
             return self.transform(img), label, i
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
             return torch.zeros(self._shape()), -1, i
 
     def _shape(self):
