@@ -1,6 +1,7 @@
 """``bench run``: config -> (data, methods, measure) -> results (DESIGN.md "The shape of the code")."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -349,6 +350,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     """Run (or finish) a benchmark; returns the run (None on torchrun ranks other than 0).
     KeyboardInterrupt propagates after saving."""
     root = Path(cfg.out)
+    run = None
     if resume:
         run = Run.find(root, resume)
         skip_corrupt = cfg.skip_corrupt  # the one flag a resume may add: a run stopped by a corrupt video
@@ -375,6 +377,15 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
 
     if d.main:
         ensure_writable(run.path if resume else root)  # fail before any training or measuring
+    with contextlib.ExitStack() as held:
+        if d.main and run is not None:
+            held.enter_context(run.locked())  # a second `--resume` of this run refuses before any work
+        return _prepare_and_measure(cfg, run, method_ids, devices, d, reporter, held, argv)
+
+
+def _prepare_and_measure(cfg: RunConfig, run: Run | None, method_ids: list[str], devices: list[torch.device],
+                         d: parallel.Dist, reporter: Reporter, held: contextlib.ExitStack, argv: list[str] | None) -> Run | None:
+    """Backbone, data and plan, then every cell not done yet; ``run`` is None for a new run."""
     vit = create_backbone(cfg)
     evalset = datasets.load(cfg, vit)
     check_batch_memory(cfg, evalset, devices)
@@ -387,13 +398,14 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
         _run_groups(cfg, None, groups, vit, backbone_info, evalset, reporter, d)
         parallel.finish(d)
         return None
-    if resume:
+    if run is not None:
         recorded = run.manifest().get("checkpoint_sha256")
         if recorded is not None and recorded != backbone_info.get("checkpoint_sha256"):
             raise UsageError(f"run {run.id} was measured with checkpoint sha256 {recorded[:12]}, but "
                              f"{backbone_info.get('checkpoint')} has {backbone_info.get('checkpoint_sha256', '')[:12]}; start a new run")
     else:
-        run = Run.create(root, cfg.profile, new_manifest(cfg, argv or sys.argv))
+        run = Run.create(Path(cfg.out), cfg.profile, new_manifest(cfg, argv or sys.argv))
+        held.enter_context(run.locked())
     manifest = run.manifest()
     manifest.update({k: v for k, v in backbone_info.items() if not k.startswith("_")})
     manifest["status"] = "running"
@@ -405,7 +417,13 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     run.write_manifest(manifest)
     reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}",
                    markup=False)
+    _measure(cfg, run, groups, vit, backbone_info, evalset, reporter, d)
+    return run
 
+
+def _measure(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, backbone_info: dict,
+             evalset: datasets.EvalSet, reporter: Reporter, d: parallel.Dist) -> None:
+    """Every cell of ``groups`` not done yet; the manifest's status says how it ended."""
     try:
         if cfg.workers:
             parallel.merge_workers(run)  # cells a worker of an interrupted run finished
@@ -425,7 +443,6 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
     manifest["status"] = "complete"
     manifest["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     run.write_manifest(manifest)
-    return run
 
 
 def _set_status(run: Run, status: str) -> None:

@@ -6,13 +6,14 @@ lines=True)`` loads in one call, and ``--resume`` can finish it without repeatin
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from .errors import UsageError, warn
 
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
+LOCK = ".lock"  # held by the process measuring into the run (Run.locked)
 DAMAGED = "records.damaged.jsonl"  # lines of records.jsonl that could not be read, kept for inspection
 IDENTITY = ("method", "budget", "mode", "device", "precision", "batch_size")
 
@@ -43,7 +45,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with __import__("contextlib").suppress(OSError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -125,6 +127,24 @@ class Run:
             return Run.open(p if p.exists() else Path(root) / ref)
         where = str(p) if p == Path(root) / ref else f"{p} and {Path(root) / ref}"
         raise UsageError(f"no run '{ref}' (looked for {where}); `ls {root}` lists runs")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while a process measures into this run, so that a second ``bench run --resume`` of
+        it refuses instead of measuring the same cells on the same cores (the kernel releases the
+        lock when its holder dies, even by SIGKILL, so a killed run can still be resumed)."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.path / LOCK, timeout=0, mode=umask_mode())
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UsageError(f"run {self.id} is being measured by another bench process right now; "
+                             "let it finish (or stop it) before resuming it") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def manifest(self) -> dict:
         try:

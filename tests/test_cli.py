@@ -343,3 +343,20 @@ def test_out_of_range_values_are_refused_up_front(tmp_path, monkeypatch, capsys,
     """Each of these crashed (segfault, MemoryError, ZeroDivisionError, allocation error) or, for
     model.depth = 0, trained and cached a backbone first."""
     test_silently_wrong_settings_are_refused(tmp_path, monkeypatch, capsys, args, toml, needles)
+
+
+def test_second_resume_of_a_run_in_progress_refuses(tmp_path, monkeypatch, capsys):
+    """While one process measures into a run (it holds the run's lock), `bench run --resume` of the
+    same run refuses in one line instead of measuring the same cells at the same time."""
+    from bench import config
+    from bench.store import Run
+    from conftest import run_main
+
+    cfg = config.resolve("smoke", methods="deit", batch_sizes=[1], out=str(tmp_path / "results"))
+    run = Run.create(tmp_path / "results", "smoke", {"status": "running", "config": cfg.to_dict()})
+    with run.locked():
+        code, _, stderr = run_main(monkeypatch, capsys, "run", "--resume", run.id, "--out", str(tmp_path / "results"), "-q")
+    assert code == 2 and f"run {run.id} is being measured by another bench process" in stderr, stderr
+    assert json.loads((run.path / "manifest.json").read_text())["status"] == "running"
+    with run.locked():  # released again: a run whose process died (even by SIGKILL) can be resumed
+        pass
