@@ -80,6 +80,7 @@ def run(
     from . import budgets as budgets_mod
     from . import config as config_mod
     from . import runner
+    from .store import ensure_writable
 
     precision = _amp_precision(amp, precision)
     if channels_last:
@@ -105,6 +106,7 @@ def run(
         if given:
             raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
     cfg = config_mod.resolve(profile or "default", config, **flags)
+    ensure_writable(Path(reports), "--reports", "reports folder")  # before the run, not after it
     reporter = _reporter(quiet)
     try:
         result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
@@ -129,7 +131,7 @@ def _finish(result, reports: Path) -> None:
     skipped = result.manifest().get("dataset", {}).get("skipped_corrupt")
     if skipped:
         err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {escape(str(result.path / 'manifest.json'))}")
-    report_folder = report_mod.write([result], reports)
+    report_folder = report_mod.write([result], reports, flag="--reports")
     console.print(f"results: {result.path}", markup=False)
     console.print(f"report:  {report_folder / 'leaderboard.md'}", markup=False)
 

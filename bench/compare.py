@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
-from .store import IDENTITY, MANIFEST, RECORDS, Run, umask_mode
+from .store import IDENTITY, MANIFEST, RECORDS, Run, replace_folder, staging_folder
 
 GATES = ("accuracy", "gmacs", "speed", "missing", "stale")
 TOLERANCE_KEYS = {"accuracy": "accuracy_points", "gmacs": "gmacs_rel", "speed": "speed_rel"}
@@ -374,9 +372,7 @@ def update_baseline(run: Run, root: Path) -> tuple[Path, str | None]:
     if (dest / MANIFEST).is_file():
         previous = Run(dest).manifest().get("baseline_of", Run(dest).id)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{profile}.new-"))
-        tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would become the baseline folder's mode
+        tmp = staging_folder(root, profile)
     except OSError as e:
         raise UsageError(f"baseline folder {root} cannot be written ({e.strerror or e})") from None
     try:
@@ -387,13 +383,7 @@ def update_baseline(run: Run, root: Path) -> tuple[Path, str | None]:
         m = {**m, "baseline_of": run.id, "baseline_updated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
              "baseline_weights": weights}
         Run(tmp).write_manifest(m)
-        old = None
-        if dest.exists():
-            old = root / f".{profile}.old-{os.getpid()}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import io
 import json
 import os
@@ -68,13 +69,49 @@ def cell_key(record: dict) -> str:
     return "|".join(str(record[k]) for k in IDENTITY)
 
 
-def ensure_writable(root: Path) -> None:
+def ensure_writable(root: Path, flag: str = "--out", what: str = "results folder") -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as e:
-        raise UsageError(f"results folder {root} cannot be written ({e.strerror or e}); pass --out to a writable folder") from None
+        raise UsageError(f"{what} {root} cannot be written ({e.strerror or e}); pass {flag} to a writable folder") from None
+
+
+def staging_folder(root: Path, name: str) -> Path:
+    """A hidden folder beside ``root/name`` to build its new version in, so that a kill leaves the
+    old version whole, never a partial one. Leftovers of builds that were killed are removed first."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    for kind in ("new", "old"):
+        for stale in root.glob(f".{glob.escape(name)}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.new-"))
+    folder.chmod(umask_mode(0o777))  # mkdtemp's 0700 would become the finished folder's mode
+    return folder
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put ``new`` in place of ``dest`` by renames: a reader sees the old folder or the new one."""
+    import shutil
+
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes cut short by a power cut or SIGKILL (``.NAME.*.tmp``);
+    call only where no other process can be writing (a run: under its lock)."""
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 class Run:
@@ -142,6 +179,8 @@ class Run:
             raise UsageError(f"run {self.id} is being measured by another bench process right now; "
                              "let it finish (or stop it) before resuming it") from None
         try:
+            for leftover in remove_stale_temporaries(self.path) + remove_stale_temporaries(self.path / "raw"):
+                warn(f"removed {leftover}, a temporary file left by a write that was cut short")
             yield
         finally:
             lock.release()
@@ -192,7 +231,7 @@ class Run:
             raw_name = f"raw/{_safe(key)}.npz"
             raw_path = self.path / raw_name
             raw_path.parent.mkdir(exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=raw_path.parent, suffix=".npz", delete=False) as f:
+            with tempfile.NamedTemporaryFile(dir=raw_path.parent, prefix=f".{raw_path.name}.", suffix=".tmp", delete=False) as f:
                 np.savez_compressed(f, **raw)
                 os.fchmod(f.fileno(), umask_mode())
             os.replace(f.name, raw_path)

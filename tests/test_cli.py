@@ -360,3 +360,14 @@ def test_second_resume_of_a_run_in_progress_refuses(tmp_path, monkeypatch, capsy
     assert json.loads((run.path / "manifest.json").read_text())["status"] == "running"
     with run.locked():  # released again: a run whose process died (even by SIGKILL) can be resumed
         pass
+
+
+def test_unwritable_reports_folder_is_found_before_the_run(tmp_path, monkeypatch, capsys):
+    from conftest import run_main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "--out", str(tmp_path / "results"),
+                               "--reports", str(blocker / "reports"), "-q")
+    assert code == 2 and "reports folder" in stderr and "pass --reports" in stderr and "--out" not in stderr, stderr
+    assert not (tmp_path / "results").exists()  # nothing was measured

@@ -99,3 +99,18 @@ def test_files_get_the_umask_mode(tmp_path):
         assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_stale_temporaries_are_removed_when_a_run_is_taken_up(tmp_path, capsys):
+    """A power cut between writing a temporary file and renaming it leaves .NAME.*.tmp behind; the
+    next process to take the run (under its lock) removes them and says so. Records are untouched."""
+    run = Run.create(tmp_path, "unit", {"profile": "unit"})
+    run.add_record(rec(1), {"iter_seconds": np.array([0.1])})
+    stale = [run.path / ".records.jsonl.k2j3.tmp", run.path / ".manifest.json.x8.tmp", run.path / "raw" / ".a.npz.q1.tmp"]
+    for p in stale:
+        p.write_text("half")
+    with run.locked():
+        assert not any(p.exists() for p in stale)
+    warned = capsys.readouterr().err
+    assert all(str(p) in warned for p in stale)
+    assert [r["batch_size"] for r in run.records()] == [1] and run.raw(run.records()[0])
