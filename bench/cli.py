@@ -96,15 +96,9 @@ def run(
     if budgets is not None:
         flags["budgets"] = budgets_mod.parse_cli(budgets)
     if batch_sizes:
-        try:
-            flags["batch_sizes"] = [int(b) for b in batch_sizes.split(",") if b.strip()]
-        except ValueError:
-            raise UsageError(f"--batch-sizes '{batch_sizes}' must be a comma list of integers, e.g. 1,32") from None
+        flags["batch_sizes"] = _batch_sizes(batch_sizes)
     if resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in {**flags, "profile": profile, "config": config}.items()
-                 if v is not None and k not in ("retrain", "out", "skip_corrupt")]
-        if given:
-            raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
+        _refuse_settings_on_resume({**flags, "profile": profile, "config": config})
     cfg = config_mod.resolve(profile or "default", config, **flags)
     ensure_writable(Path(reports), "--reports", "reports folder")  # before the run, not after it
     reporter = _reporter(quiet)
@@ -134,6 +128,20 @@ def _finish(result, reports: Path) -> None:
     report_folder = report_mod.write([result], reports, flag="--reports")
     console.print(f"results: {result.path}", markup=False)
     console.print(f"report:  {report_folder / 'leaderboard.md'}", markup=False)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes '{text}' must be a comma list of integers, e.g. 1,32") from None
+
+
+def _refuse_settings_on_resume(settings: dict) -> None:
+    """A resumed run keeps the configuration in its manifest: a setting given now would be ignored."""
+    given = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None and k not in ("retrain", "out", "skip_corrupt")]
+    if given:
+        raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
 
 
 def _amp_precision(amp: bool, precision: str | None) -> str | None:
