@@ -69,9 +69,17 @@ def parse_cli(text: str) -> dict[str, list]:
             raise UsageError(f"--budgets '{group}' must look like METHOD=B1,B2 (e.g. 'ats=0.5,0.75;avit=20')")
         method, items = group.split("=", 1)
         out[method.strip()] = [i.strip() for i in items.split(",") if i.strip()]
+        if not out[method.strip()]:  # an empty list would fall back to the defaults unnoticed
+            raise UsageError(f"--budgets '{group}' gives method '{method.strip()}' no budget; list at least one, e.g. {method.strip()}=full")
+    if not out:
+        raise UsageError(f"--budgets '{text}' names no method; use METHOD=B1,B2 (e.g. 'ats=0.5,0.75;avit=20')")
     return out
 
 
 def for_method(method_id: str, configured: dict[str, list]) -> list:
+    """The method's budgets, each once (0.5 and '0.5' are one budget: one label, one set of cells)."""
     spec = methods.get(method_id)
-    return list(configured.get(method_id) or spec.default_budgets)
+    by_label = {}
+    for b in configured.get(method_id) or spec.default_budgets:
+        by_label.setdefault(label(b), b)
+    return list(by_label.values())

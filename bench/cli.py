@@ -9,9 +9,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -22,6 +23,20 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"bench {_bench_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print bench's version and exit."),
+) -> None:
+    # a callback only so that `bench --version` exists; every command is a subcommand
+    pass
+
 
 METHODS_HELP = "Methods: 'all' or a comma list of ids (`bench list methods`); the dense 'deit' is always included."
 
@@ -35,15 +50,17 @@ def _reporter(quiet: bool):
 @app.command()
 def run(
     methods_: Optional[str] = typer.Option(None, "--methods", "-m", help=METHODS_HELP),
-    profile: str = typer.Option("default", "--profile", "-p", help="Profile in bench.toml (`bench list profiles`)."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (`bench list profiles`; default: default)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
     data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits')."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="timm VisionTransformer name, or digits_vit."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit (--model: timm's spelling)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5,0.75;avit=20,30'."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (comma list for several)."),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma list of batch sizes to time, e.g. 1,32."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", "--batch-size", "-b", help="Comma list of batch sizes to time, e.g. 1,32 (--batch-size, -b: timm's spelling)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (autocast); comma list for several."),
+    amp: bool = typer.Option(False, "--amp", help="timm's spelling of --precision fp16 (float16 autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last", hidden=True),
     out: Optional[str] = typer.Option(None, "--out", help="Results root folder (a run goes to OUT/<run-id>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Finish an interrupted run: its id, path, or nothing for the latest."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (timing sample choice, anything random at evaluation)."),
@@ -57,15 +74,19 @@ def run(
     crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Eval transform: centre-crop share (default: the backbone's timm config)."),
     interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Eval transform: resize interpolation (bicubic, bilinear, ...)."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Spread cells over devices, one process each, e.g. cuda:0,cuda:1."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the models before measuring."),
+    compile_: bool = typer.Option(False, "--compile", "--torchcompile", help="torch.compile the models before measuring (--torchcompile: timm's spelling)."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: default, unfused, fused, flash, efficient, cudnn, math."),
 ) -> None:
     """Benchmark methods x budgets x devices x precisions x batch sizes and write results and a report."""
     from . import budgets as budgets_mod
     from . import config as config_mod
-    from . import report as report_mod
     from . import runner
+    from .store import ensure_writable
 
+    precision = _amp_precision(amp, precision)
+    if channels_last:
+        raise UsageError("--channels-last has no bench equivalent: a ViT's tokens have no channels-last layout, and the "
+                         "digits backbone's conv stem is channels-last already; drop the flag")
     flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint,
                  device=device, batch_sizes=batch_sizes, precision=precision, out=out, seed=seed, threads=threads,
                  retrain=retrain or None, skip_corrupt=skip_corrupt or None, devices=devices, compile=compile_ or None,
@@ -73,32 +94,65 @@ def run(
     transform = {k: v for k, v in (("crop_pct", crop_pct), ("interpolation", interpolation)) if v is not None}
     if transform:
         flags["transform"] = transform
-    if budgets:
+    if budgets is not None:
         flags["budgets"] = budgets_mod.parse_cli(budgets)
     if batch_sizes:
-        try:
-            flags["batch_sizes"] = [int(b) for b in batch_sizes.split(",") if b.strip()]
-        except ValueError:
-            raise UsageError(f"--batch-sizes '{batch_sizes}' must be a comma list of integers, e.g. 1,32") from None
-    cfg = config_mod.resolve(profile, config, **flags)
+        flags["batch_sizes"] = _batch_sizes(batch_sizes)
     if resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in ("retrain", "out", "skip_corrupt")]
-        if given:
-            raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
+        _refuse_settings_on_resume({**flags, "profile": profile, "config": config})
+    cfg = config_mod.resolve(profile or "default", config, **flags)
+    ensure_writable(Path(reports), "--reports", "reports folder")  # before the run, not after it
     reporter = _reporter(quiet)
-    result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
+    try:
+        result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
+    except KeyboardInterrupt:
+        raise Interrupted("cells finished so far are saved; finish with `bench run --resume`") from None
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
+    try:
+        _finish(result, Path(reports))
+    except KeyboardInterrupt:
+        raise Interrupted(f"run {result.path} is complete; its report was not finished: "
+                          f"`bench report {result.id} --results {result.path.parent}` writes it") from None
+
+
+def _finish(result, reports: Path) -> None:
+    """The tables of a finished run, and its report."""
+    from . import report as report_mod
+
     records = result.records()
     _summary(records, result)
     _paper_table(records, result)
     skipped = result.manifest().get("dataset", {}).get("skipped_corrupt")
     if skipped:
-        err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {result.path / 'manifest.json'}")
-    console.print(f"results: {result.path}")
+        err.print(f"[yellow]skipped {skipped} unreadable image(s) (--skip-corrupt); listed in {escape(str(result.path / 'manifest.json'))}")
+    console.print(f"results: {result.path}", markup=False)
     if write_report:
-        report_folder = report_mod.write([result], Path(reports))
-        console.print(f"report:  {report_folder / 'leaderboard.md'}")
+        report_folder = report_mod.write([result], Path(reports), flag="--reports")
+        console.print(f"report:  {report_folder / 'leaderboard.md'}", markup=False)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes '{text}' must be a comma list of integers, e.g. 1,32") from None
+
+
+def _refuse_settings_on_resume(settings: dict) -> None:
+    """A resumed run keeps the configuration in its manifest: a setting given now would be ignored."""
+    given = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None and k not in ("retrain", "out", "skip_corrupt")]
+    if given:
+        raise UsageError(f"--resume finishes a run with its own configuration; drop {', '.join(given)}")
+
+
+def _amp_precision(amp: bool, precision: str | None) -> str | None:
+    """timm's ``--amp`` is float16 autocast, which is bench's ``--precision fp16``."""
+    if not amp:
+        return precision
+    if precision not in (None, "fp16"):
+        raise UsageError(f"--amp means --precision fp16 but --precision {precision} was also given; pass one of them")
+    return "fp16"
 
 
 def _summary(records: list[dict], run) -> None:
@@ -162,9 +216,9 @@ def report(
 
     chosen = [Run.find(Path(results), r) for r in (runs or ["latest"])]
     folder = report_mod.write(chosen, Path(out))
-    console.print(f"report: {folder / 'leaderboard.md'}")
-    console.print(f"csv:    {folder / 'leaderboard.csv'}")
-    console.print(f"html:   {folder / 'report.html'}")
+    console.print(f"report: {folder / 'leaderboard.md'}", markup=False)
+    console.print(f"csv:    {folder / 'leaderboard.csv'}", markup=False)
+    console.print(f"html:   {folder / 'report.html'}", markup=False)
 
 
 @app.command()
@@ -194,18 +248,25 @@ def compare(
     if table.row_count:
         console.print(table)
     for note in cmp.notes:
-        console.print(f"note: {note}")
-    console.print(compare_mod.summary(cmp))
+        console.print(f"note: {note}", markup=False)
+    console.print(compare_mod.summary(cmp), markup=False)
     if markdown:
-        from .store import atomic_write
-
-        atomic_write(markdown, compare_mod.markdown(cmp, show_all).encode())
+        _write_markdown(markdown, compare_mod.markdown(cmp, show_all))
     failures = cmp.failures()
     if failures:
         err.print(f"[bold red]regression:[/] {', '.join(f'{g}: {n} cell(s)' for g, n in failures.items())} "
-                  f"(gates failing: {', '.join(th.fail_on)}; thresholds: --tolerance, [compare] in bench.toml)", soft_wrap=True)
+                  f"(gates failing: {', '.join(th.fail_on)}; thresholds: --tolerance, \\[compare] in bench.toml)", soft_wrap=True)
         raise typer.Exit(1)
     console.print("no regression")
+
+
+def _write_markdown(path: Path, text: str) -> None:
+    from .store import atomic_write
+
+    try:
+        atomic_write(path, text.encode())
+    except OSError as e:
+        raise UsageError(f"--markdown {path} cannot be written ({e.strerror or e}); pass a writable path") from None
 
 
 baseline_app = typer.Typer(no_args_is_help=True, help="Baselines that `bench compare` gates against (RESULTS/baselines/<profile>/).")
@@ -224,7 +285,7 @@ def baseline_update(
 
     run_ = Run.find(Path(results), run_ref)
     dest, previous = compare_mod.update_baseline(run_, Path(to) if to else Path(results) / compare_mod.BASELINES)
-    console.print(f"baseline: {dest} <- run {run_.id}" + (f" (replaced run {previous})" if previous else " (new)"))
+    console.print(f"baseline: {dest} <- run {run_.id}" + (f" (replaced run {previous})" if previous else " (new)"), markup=False)
 
 
 LIST_WHAT = ("methods", "datasets", "profiles", "budgets")
@@ -301,6 +362,7 @@ def train(
     from . import config as config_mod
 
     cfg = config_mod.resolve(profile, config, retrain=True)
+    config_mod.check_values(cfg)
     reporter = _reporter(quiet)
     from . import datasets
 
@@ -322,8 +384,8 @@ def train(
         knobs = budgets_mod.parse(target, budget) if budget else {}
         runner.method_weights(cfg, spec, vit, knobs, info, reporter)
         return
-    console.print(f"checkpoint: {path}")
-    console.print(f"sha256:     {cache.file_sha256(path)}")
+    console.print(f"checkpoint: {path}", markup=False)
+    console.print(f"sha256:     {cache.file_sha256(path)}", markup=False)
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -337,13 +399,25 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from methods.convert import CheckpointError
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
+    # Signals first, so that Ctrl-C or SIGTERM while torch is still being imported ends as cleanly as later.
     # Ctrl-C must stop a run cleanly even when started from a shell that ignores SIGINT for
     # background jobs (the handler is inherited as SIG_IGN there).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main()
+    except Interrupted as e:
+        _interrupted(str(e))
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+def _main() -> None:
+    from methods.convert import CheckpointError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
     args = _normalise_argv(sys.argv[1:])
+    exits, aborts, parse_errors = _parser_exceptions()
     try:
         code = app(args=args, prog_name="bench", standalone_mode=False)
         # Not standalone, typer returns exit codes instead of exiting: 130 is its Ctrl-C.
@@ -352,26 +426,74 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except (UsageError, CheckpointError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except Exception as e:  # click reports usage errors and Ctrl-C this way when not standalone
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            _interrupted()
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
-    except KeyboardInterrupt:
+        _error(str(e))
+    except exits as e:
+        sys.exit(e.exit_code)
+    except aborts:
         _interrupted()
+    except parse_errors as e:  # typer's (or click's) parsing errors: unknown option, bad value, ...
+        _parse_error(e, args)
 
 
-def _interrupted() -> None:
-    err.print("[bold red]interrupted:[/] cells finished so far are saved; finish with `bench run --resume`", soft_wrap=True)
-    sys.exit(130)
+def _parser_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, abort, parse error) classes. typer >= 0.20 raises its own bundled copy of click's
+    exceptions, older typer raises click's: catch whichever exist."""
+    exits, aborts = [typer.Exit], [typer.Abort]
+    parse_errors = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        parse_errors.append(click.ClickException)
+    return tuple(exits), tuple(aborts), tuple(parse_errors)
+
+
+def _parse_error(e: Exception, args: list[str]) -> None:
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError":  # `bench` or `bench baseline` alone: the help, then why
+        console.print(e.format_message(), markup=False, highlight=False)
+        command = ctx.command_path if ctx is not None else "bench"
+        _error(f"{command} needs a command; pick one of those listed above")
+    command = ctx.command_path if ctx is not None else "bench"
+    message = " ".join(e.format_message().split()).rstrip(".")  # one line, whatever the parser's wrapping
+    _error(f"{message}; see `{command} --help`")
+
+
+def _error(message: str) -> None:
+    """The one line a user gets for bad input, exit code 2."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _bench_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("bench")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
+_terminated = False  # SIGTERM, not Ctrl-C: the exit code says which
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler, `kill`, a CI timeout) stops a run the way Ctrl-C does: the run's
+    manifest says 'interrupted' and what was finished is kept."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _interrupted(message: str | None = None) -> None:
+    err.print(f"[bold red]interrupted:[/] {escape(message or 'stopped before the end')}", soft_wrap=True)
+    sys.exit(128 + signal.SIGTERM if _terminated else 130)
 
 
 if __name__ == "__main__":

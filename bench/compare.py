@@ -14,15 +14,14 @@ Cells are matched by their identity columns (``store.IDENTITY``). Per metric
   ``speed_rel`` and than the measured noise (a bootstrap over the paired timed iterations).
 
 Improvements are reported too; ``stale`` in ``fail_on`` makes them fail (the baseline is out of
-date). Cells of the baseline missing from the current run fail the ``missing`` gate.
+date). Cells of the baseline missing from the current run fail the ``missing`` gate, and so do cells
+that ran out of memory in the current run (status ``oom``: accuracy and GMACs, but no timing).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
-from .store import IDENTITY, MANIFEST, RECORDS, Run
+from .store import IDENTITY, MANIFEST, RECORDS, Run, replace_folder, staging_folder
 
 GATES = ("accuracy", "gmacs", "speed", "missing", "stale")
 TOLERANCE_KEYS = {"accuracy": "accuracy_points", "gmacs": "gmacs_rel", "speed": "speed_rel"}
@@ -190,13 +189,16 @@ class Comparison:
         out = {}
         for gate, col in (("accuracy", "top1_verdict"), ("gmacs", "gmacs_verdict"), ("speed", "speedup_verdict")):
             out[gate] = int((self.cells[col] == "regressed").sum())
-        out["missing"] = len(self.missing)
+        out["missing"] = len(self.missing) + int((self.cells["speedup_verdict"] == OOM).sum())
         out["stale"] = int((self.cells["status"] == "improved").sum() + (self.cells["status"] == "mixed").sum())
         return {g: n for g, n in out.items() if n and g in self.th.fail_on}
 
     @property
     def failed(self) -> bool:
         return bool(self.failures())
+
+
+OOM = "out of memory"  # the current cell has accuracy and GMACs but no timing: a speed measurement missing
 
 
 def _verdict(change: float, allowed: float) -> str:
@@ -232,7 +234,10 @@ def compare(base: Run, cur: Run, th: Thresholds) -> Comparison:
         row.update(gmacs_base=float(b["gmacs"]), gmacs_cur=float(c["gmacs"]), gmacs_change=rel,
                    gmacs_verdict=_verdict(-rel, th.gmacs_rel))
         # speed: only the ratio to dense measured in the same run; the dense rows are 1 by construction
-        if c["method"] == "deit" or not (b.get("speedup", 0) > 0 and c.get("speedup", 0) > 0):
+        if c.get("status") == "oom" and b.get("status") != "oom":
+            row.update(speedup_base=float(b.get("speedup", float("nan"))), speedup_cur=float("nan"),
+                       speedup_change=float("nan"), speedup_allowed=float("nan"), speedup_verdict=OOM)
+        elif c["method"] == "deit" or not (b.get("speedup", 0) > 0 and c.get("speedup", 0) > 0):
             row.update(speedup_base=float(b.get("speedup", float("nan"))), speedup_cur=float(c.get("speedup", float("nan"))),
                        speedup_change=0.0, speedup_allowed=float("nan"), speedup_verdict="n/a")
         else:
@@ -243,7 +248,7 @@ def compare(base: Run, cur: Run, th: Thresholds) -> Comparison:
                        speedup_change=math.exp(log_change) - 1, speedup_allowed=1 - math.exp(-allowed_log),
                        speedup_verdict=_verdict(log_change, allowed_log))
         verdicts = {row["top1_verdict"], row["gmacs_verdict"], row["speedup_verdict"]}
-        row["status"] = ("mixed" if {"regressed", "improved"} <= verdicts else "regressed" if "regressed" in verdicts
+        row["status"] = (OOM if OOM in verdicts else "mixed" if {"regressed", "improved"} <= verdicts else "regressed" if "regressed" in verdicts
                          else "improved" if "improved" in verdicts else "same")
         rows.append(row)
     missing = [k for k in b_df.index if k not in c_df.index]
@@ -268,7 +273,9 @@ def table_rows(cmp: Comparison, show_all: bool = False) -> list[list[str]]:
         top1 = (f"{r['top1_base']:.2f} -> {r['top1_cur']:.2f} ({r['top1_delta']:+.2f} pt, "
                 f"allowed +-{r['top1_allowed']:.2f} {r['top1_ci']}) {_mark(r['top1_verdict'])}")
         gm = f"{r['gmacs_base']:.5g} -> {r['gmacs_cur']:.5g} ({100 * r['gmacs_change']:+.2f}%) {_mark(r['gmacs_verdict'])}"
-        if r["speedup_verdict"] == "n/a":
+        if r["speedup_verdict"] == OOM:
+            sp = f"{r['speedup_base']:.2f}x -> {OOM} (counts as missing)"
+        elif r["speedup_verdict"] == "n/a":
             sp = "-"
         else:
             sp = (f"{r['speedup_base']:.2f}x -> {r['speedup_cur']:.2f}x ({100 * r['speedup_change']:+.0f}%, "
@@ -290,7 +297,7 @@ HEADERS = ["cell", "top-1 % (baseline -> current)", "GMACs per sample", "speedup
 
 def summary(cmp: Comparison) -> str:
     counts = cmp.cells["status"].value_counts().to_dict()
-    parts = [f"{len(cmp.cells)} cells compared", *(f"{counts[s]} {s}" for s in ("regressed", "mixed", "improved", "same") if s in counts)]
+    parts = [f"{len(cmp.cells)} cells compared", *(f"{counts[s]} {s}" for s in ("regressed", OOM, "mixed", "improved", "same") if s in counts)]
     if cmp.missing:
         parts.append(f"{len(cmp.missing)} missing from the current run")
     if cmp.new:
@@ -365,8 +372,7 @@ def update_baseline(run: Run, root: Path) -> tuple[Path, str | None]:
     if (dest / MANIFEST).is_file():
         previous = Run(dest).manifest().get("baseline_of", Run(dest).id)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{profile}.new-"))
+        tmp = staging_folder(root, profile)
     except OSError as e:
         raise UsageError(f"baseline folder {root} cannot be written ({e.strerror or e})") from None
     try:
@@ -377,13 +383,7 @@ def update_baseline(run: Run, root: Path) -> tuple[Path, str | None]:
         m = {**m, "baseline_of": run.id, "baseline_updated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
              "baseline_weights": weights}
         Run(tmp).write_manifest(m)
-        old = None
-        if dest.exists():
-            old = root / f".{profile}.old-{os.getpid()}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -169,12 +169,16 @@ def default_config_path() -> Path:
 
 def load_file(path: Path | None = None) -> tuple[dict, Path]:
     path = Path(path) if path else default_config_path()
+    if path.is_dir():
+        raise UsageError(f"config {path} is a folder; pass --config the bench.toml file itself")
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist; pass --config PATH or run from the project folder")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, as TOML requires") from None
     validate(data, FILE_SCHEMA, str(path))
     if not data.get("profiles"):
         raise UsageError(f"{path}: defines no [profiles.NAME] table")
@@ -274,7 +278,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """The configuration a manifest recorded. A key this version does not know (written by a newer
+        bench) is refused: resuming without the setting it stands for would measure something else."""
+        from dataclasses import fields
+
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        unknown += sorted(f"timing.{k}" for k in set(d.get("timing", {})) - {f.name for f in fields(Timing)})
+        if unknown:
+            raise UsageError(f"the run's configuration has settings this bench does not know ({', '.join(unknown)}); "
+                             "it was written by another bench version: finish it with that version or start a new run")
         d["timing"] = Timing(**d.get("timing", {}))
         return cls(**d)
 
@@ -320,4 +333,87 @@ def resolve(profile_name: str, config_path: Path | None = None, **flags: Any) ->
     )
     if "budgets" in over:
         cfg.budgets.update(over["budgets"])
+    # a value given twice (--batch-sizes 1,1) would measure its cells twice, the second overwriting the first
+    for name in ("methods", "devices", "batch_sizes", "precisions", "workers"):
+        setattr(cfg, name, list(dict.fromkeys(getattr(cfg, name))))
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# values: ranges that the types alone do not guarantee, checked before any work
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f"at least {low}"
+
+
+_POSITIVE = (lambda v: v > 0), "a positive number"
+
+
+def _pair(low, high=None):
+    """A TOML [low, high] range such as digit_size = [16, 28]."""
+    ok = (lambda v: len(v) == 2 and low <= v[0] <= v[1] and (high is None or v[1] <= high))
+    return ok, f"two values A <= B with A >= {low}" + (f" and B <= {high}" if high is not None else "")
+
+
+# bench.toml table.key -> (test, what it must be). Only keys a profile sets are checked; the defaults are valid.
+VALUE_RULES: dict[str, tuple] = {
+    **{f"timing.{k}": _at_least(1) for k in ("min_iters", "max_iters", "timing_samples", "memory_iters")},
+    "timing.warmup_iters": _at_least(0),
+    "timing.min_seconds": _at_least(0),
+    **{f"digits.{k}": _at_least(1) for k in ("n_train", "n_val", "n_test", "frames")},
+    "digits.canvas": _at_least(8),  # one 8x8 patch of the embedded backbones
+    "digits.digit_size": _pair(1),
+    "digits.clutter": _pair(0),
+    "digits.fragment_size": _pair(1, 8),  # cut from the 8x8 source digits
+    "digits.speed": _pair(0),
+    "digits.split_fractions": ((lambda v: len(v) == 3 and min(v) > 0 and sum(v) <= 1 + 1e-9),
+                               "three positive shares (train, val, test) that sum to at most 1"),
+    **{f"model.{k}": _at_least(1) for k in ("embed_dim", "depth", "num_heads", "img_size")},
+    "model.mlp_ratio": _POSITIVE,
+    **{f"train.{k}": _at_least(1) for k in ("epochs", "batch_size")},
+    **{f"train.{k}": _POSITIVE for k in ("lr", "grad_clip")},
+    **{f"train.{k}": _at_least(0) for k in ("weight_decay", "label_smoothing", "warmup_epochs")},
+}
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Every setting in its range, or one line naming it (the flag where there is one)."""
+    where = f"{cfg.config_path} (profile '{cfg.profile}')"
+    tables = {"timing": cfg.timing.__dict__, "digits": cfg.digits, "model": cfg.model, "train": cfg.train}
+    for dotted, (ok, what) in VALUE_RULES.items():
+        table, key = dotted.split(".")
+        if key in tables[table] and not ok(tables[table][key]):
+            raise UsageError(f"{where}: {dotted} must be {what}, got {tables[table][key]!r}")
+    _check_cross(cfg, where)
+    _check_flag_values(cfg)
+
+
+def _check_cross(cfg: RunConfig, where: str) -> None:
+    """Rules between two settings."""
+    if cfg.timing.max_iters < cfg.timing.min_iters:
+        raise UsageError(f"{where}: timing.max_iters ({cfg.timing.max_iters}) is below timing.min_iters ({cfg.timing.min_iters})")
+    canvas, size = cfg.digits.get("canvas"), cfg.digits.get("digit_size")
+    if canvas is not None and size is not None and size[1] > canvas:
+        raise UsageError(f"{where}: digits.digit_size {size} does not fit digits.canvas {canvas}")
+    dim, heads = cfg.model.get("embed_dim"), cfg.model.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise UsageError(f"{where}: model.embed_dim {dim} is not a multiple of model.num_heads {heads}")
+
+
+def _check_flag_values(cfg: RunConfig) -> None:
+    """Settings that have a command-line flag: the message names both."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if cfg.threads is not None and not 1 <= cfg.threads <= cpus:
+        raise UsageError(f"--threads / threads must be between 1 and {cpus} (this machine's logical CPUs), got {cfg.threads}")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise UsageError(f"--seed / seed must be between 0 and {SEED_MAX}, got {cfg.seed}")
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes / batch_sizes must be positive integers, got {cfg.batch_sizes}")
+    if cfg.test_samples is not None and cfg.test_samples < 1:
+        raise UsageError(f"{cfg.config_path}: test_samples must be at least 1 (or left out for the whole test list), got {cfg.test_samples}")
+    if cfg.eval_batch_size < 1:
+        raise UsageError(f"{cfg.config_path}: eval_batch_size must be at least 1, got {cfg.eval_batch_size}")

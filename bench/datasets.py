@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import digits, moving_digits
-from .errors import UsageError
+from .errors import UsageError, warn
 from .evalset import EvalSet
 from .loading import ShardBatches, decoded_batches, shard_starts
 
@@ -30,6 +30,10 @@ class TensorEvalSet(EvalSet):
         idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))[: min(count, self.n)]
         return self.images[idx].contiguous()
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
 
 class FolderEvalSet(EvalSet):
     """Images on disk, decoded with PIL in DataLoader workers."""
@@ -48,12 +52,17 @@ class FolderEvalSet(EvalSet):
     def n(self) -> int:
         return len(self.dataset)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.input_size)
+
     def _check(self, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows to keep; an unreadable image stops the run by path unless ``skip_corrupt``."""
         bad = (labels < 0).nonzero().flatten()
         if len(bad) and not self.skip_corrupt:
             path = self.dataset.items[int(index[bad[0]])][0]
-            raise UsageError(f"cannot read image {path} (corrupt or not an image); remove it from the data folder or pass --skip-corrupt")
+            raise UsageError(f"cannot read image {path} (corrupt, not an image, or over PIL's decompression-bomb pixel limit); "
+                             "remove it from the data folder or pass --skip-corrupt")
         for i in index[bad].tolist():
             self.skipped[int(i)] = str(self.dataset.items[int(i)][0])
         return labels >= 0
@@ -154,15 +163,18 @@ def _load_imagenet(cfg: RunConfig, vit: nn.Module | None) -> EvalSet:
     if cfg.data is None:
         raise UsageError("data set 'imagenet' needs --data PATH (a val/<wnid>/ folder tree or a flat folder with a label file)")
     try:
-        items, layout = discover(Path(cfg.data).expanduser())
+        items, found = discover(Path(cfg.data).expanduser())
     except LayoutError as e:
         raise UsageError(str(e)) from None
+    if found.get("labels_without_file"):
+        warn(f"{found['label_file']} labels {found['labels_without_file']} file(s) that are not in {cfg.data}; "
+             f"scoring the {len(items)} image(s) present (counted in the manifest as labels_without_file)")
     if cfg.test_samples and cfg.test_samples < len(items):
         keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.test_samples]
         items = [items[i] for i in sorted(keep.tolist())]
     data_cfg = resolve_data_config(transform_overrides(cfg), model=vit)
     transform = create_transform(**data_cfg, is_training=False)
-    info = {"layout": layout, "root": str(cfg.data), "n": len(items),
+    info = {**found, "root": str(cfg.data), "n": len(items),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()}}
     workers = min(4, os.cpu_count() or 1)
     return FolderEvalSet("imagenet", items, transform, data_cfg["input_size"], 1000, info, workers, cfg.skip_corrupt)
@@ -242,6 +254,10 @@ def check(cfg: RunConfig) -> None:
         raise UsageError(f"unknown data set '{cfg.dataset}'; known: {', '.join(DATASETS)} (`bench list datasets`)")
     if cfg.data is not None and not Path(cfg.data).expanduser().exists():
         raise UsageError(f"data path {cfg.data} does not exist; pass --data to a folder of images or videos")
+    if cfg.transform and cfg.dataset in EMBEDDED:  # they would be recorded in the manifest as if applied
+        raise UsageError(f"data set '{cfg.dataset}' is rendered at the model's size, with no resize or crop: "
+                         f"--crop-pct, --interpolation and [transform] ({', '.join(cfg.transform)}) do not apply; drop them")
+    transform_overrides(cfg)  # a bad crop_pct or interpolation fails before any work
 
 
 def model_kwargs(cfg: RunConfig) -> dict:

@@ -25,3 +25,8 @@ class EvalSet:
 
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one model input (one view of a video), known without decoding anything."""
+        raise NotImplementedError

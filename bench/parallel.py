@@ -230,7 +230,9 @@ def _worker_main(argv: list[str]) -> None:
         run_worker(Path(run_path), int(index), device, [int(g) for g in share.split(",") if g], threads,
                    Reporter(console=err, quiet=True))
     except UsageError as e:
-        err.print(f"[bold red]error:[/] worker {index}: {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/] worker {index}: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

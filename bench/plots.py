@@ -159,7 +159,7 @@ def speedup_vs_gmacs(df: pd.DataFrame, folder: Path, pal: dict) -> Plot:
         q = d[(d["device"].astype(str) + " " + d["precision"].astype(str)) == place]
         if len(q):
             sns.scatterplot(data=q, x="mac_reduction", y="speedup", hue="series", style="batch", palette=pal, s=70, ax=ax)
-        hi = float(max(q["mac_reduction"].max(), q["speedup"].max(), 1.0) * 1.1) if len(q) else 2.0
+        hi = float(np.nanmax([q["mac_reduction"].max(), q["speedup"].max(), 1.0]) * 1.1)  # NaN: a cell that ran out of memory
         ax.plot([0, hi], [0, hi], color="black", linestyle="--", linewidth=1, label="speedup = GMACs reduction")
         ax.axhline(1.0, color="0.5", linewidth=0.8)
         ax.set_xlim(0, hi)
@@ -213,7 +213,9 @@ def _overlay_choice(m: pd.DataFrame, target: float = 0.5) -> pd.DataFrame:
     """Per adaptive method, the budget whose GMACs ratio is nearest ``target``."""
     rows = []
     for _, g in m[m["method"] != DENSE].groupby(["_run", "method"], sort=False):
-        rows.append(g.loc[(g["gmacs_ratio"] - target).abs().idxmin()])
+        distance = (g["gmacs_ratio"] - target).abs()
+        if distance.notna().any():  # a method whose GMACs are all unknown has no budget to show
+            rows.append(g.loc[distance.idxmin()])
     return pd.DataFrame(rows)
 
 
@@ -271,6 +273,7 @@ def token_overlays(df: pd.DataFrame, runs: dict[str, Run], folder: Path) -> Plot
 def draw_all(df: pd.DataFrame, runs: list[Run], folder: Path) -> list[Plot]:
     """Every plot the data allows, in the order of the issue; returns what was written."""
     folder.mkdir(parents=True, exist_ok=True)
+    df = df.replace([np.inf, -np.inf], np.nan)  # an axis cannot reach infinity: such a value is left out, as NaN is
     by_id = {str(r.path): r for r in runs}
     pal = palette(df)
     plots = [accuracy_vs_gmacs(df, folder, pal), accuracy_vs_speed(df, folder, pal)]

@@ -5,6 +5,7 @@ import contextlib
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -19,9 +20,9 @@ class Bar:
     def note(self, text: str) -> None:
         """A status line: shown beside the bar on a terminal, printed as a log line otherwise."""
         if self._progress is not None:
-            self._progress.update(self._task, info=text)
+            self._progress.update(self._task, info=escape(text))  # the column renders markup
         if self._log is not None:
-            self._log.print(f"{self._label}: {text}", highlight=False)
+            self._log.print(f"{self._label}: {text}", highlight=False, markup=False)
 
 
 class Reporter:
@@ -52,7 +53,7 @@ class Reporter:
         )
         log = None if self.console.is_terminal else self.console  # no live bars in a log file
         with progress:
-            task = progress.add_task(description, total=total, info="")
+            task = progress.add_task(escape(description), total=total, info="")
             yield Bar(progress, task, log, description)
 
 

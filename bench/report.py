@@ -2,12 +2,13 @@
 ``reports/`` from one or more runs."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import UsageError
-from .store import Run, atomic_write
+from .store import Run, atomic_write, replace_folder, staging_folder
 
 # Units live in column names (docs/design.md#contracts).
 COLUMNS = [
@@ -70,22 +71,33 @@ def markdown(df: pd.DataFrame, runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(runs: list[Run], out_root: Path) -> Path:
-    """leaderboard.csv / .md, plots/*.png + .svg and report.html under ``out_root/<run ids>/``."""
-    from . import html, plots
-
+def write(runs: list[Run], out_root: Path, flag: str = "--out") -> Path:
+    """leaderboard.csv / .md, plots/*.png + .svg and report.html under ``out_root/<run ids>/``,
+    built in a hidden folder beside it and renamed into place: a kill leaves the previous report
+    whole. ``flag`` is the option that sets ``out_root`` (``bench run`` calls it --reports)."""
     raw_df = load(runs)
-    df = leaderboard(raw_df)
     name = "+".join(r.id for r in runs)
     folder = Path(out_root) / name
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        staging = staging_folder(Path(out_root), name)
     except OSError as e:
-        raise UsageError(f"report folder {folder} cannot be written ({e.strerror or e}); pass --out") from None
+        raise UsageError(f"report folder {folder} cannot be written ({e.strerror or e}); pass {flag} to a writable folder") from None
+    try:
+        _write_files(runs, raw_df, name, staging)
+        replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_files(runs: list[Run], raw_df: pd.DataFrame, name: str, folder: Path) -> None:
+    from . import html, plots
+
+    df = leaderboard(raw_df)
     atomic_write(folder / "leaderboard.csv", df.to_csv(index=False, float_format="%.6g").encode())
     atomic_write(folder / "leaderboard.md", markdown(df, runs).encode())
     figures = plots.draw_all(raw_df, runs, folder / "plots")
     lines = [line.replace("`", "") for line in run_lines(runs)]
     page = html.page(f"bench report {name}", lines, NOTES, df, figures, folder)
     atomic_write(folder / "report.html", page.encode())
-    return folder

@@ -1,6 +1,7 @@
 """``bench run``: config -> (data, methods, measure) -> results (docs/design.md#the-shape-of-the-code)."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -20,8 +21,8 @@ from methods.convert import implied_budgets, load_strict
 
 from . import budgets as budgets_mod
 from . import cache, datasets, kernels, measure, parallel, tokenmap
-from .config import RunConfig
-from .errors import UsageError
+from .config import RunConfig, check_values
+from .errors import UsageError, warn
 from .progress import Reporter
 from .store import Run, cell_key
 from .train import TrainConfig, train_digits_backbone
@@ -33,7 +34,9 @@ from .train import TrainConfig, train_digits_backbone
 
 def resolve_methods(names: list[str]) -> list[str]:
     known = [s.id for s in methods.available()]
-    if not names or names == ["all"]:
+    if not names:  # `--methods=` or `--methods ,`: nothing chosen is not "everything"
+        raise UsageError("no method given; pass --methods all or a comma list of ids (`bench list methods`)")
+    if names == ["all"]:
         return known
     out = []
     for n in names:
@@ -82,11 +85,12 @@ def validate(cfg: RunConfig) -> tuple[list[str], list[torch.device]]:
     for p in cfg.precisions:
         if p not in measure.PRECISIONS:
             raise UsageError(f"unknown precision '{p}'; use one of {', '.join(measure.PRECISIONS)}")
-    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
-        raise UsageError(f"batch sizes must be positive integers, got {cfg.batch_sizes}")
-    for m in cfg.budgets:
+    check_values(cfg)
+    for m, given in cfg.budgets.items():
         if m not in [s.id for s in methods.available()]:
             raise UsageError(f"budgets given for unknown method '{m}'; known: {', '.join(s.id for s in methods.available())}")
+        if not given:
+            raise UsageError(f"{cfg.config_path}: budgets.{m} is empty; list at least one budget (e.g. [\"full\"]) or drop the key")
     for m in method_ids:  # parse every budget now, so a typo fails before any work
         for b in budgets_mod.for_method(m, cfg.budgets):
             budgets_mod.parse(m, b)
@@ -148,6 +152,7 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
             conv = load_backbone(vit, path)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
+        _warn_non_finite(vit, path)
         info = {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path), "checkpoint_layout": conv.layout}
         return vit.eval(), {**info, "_method_states": conv.method_states}
     if not datasets.is_embedded(cfg):
@@ -160,18 +165,26 @@ def prepare_backbone(cfg: RunConfig, vit: nn.Module, reporter: Reporter) -> tupl
     if path is None:
         path = train_backbone(cfg, vit, key, reporter)
     else:
-        reporter.print(f"backbone: cached checkpoint {path}")
+        reporter.print(f"backbone: cached checkpoint {path}", markup=False)
     load_checkpoint(vit, path)
     return vit.eval(), {"checkpoint": str(path), "checkpoint_sha256": cache.file_sha256(path), "checkpoint_key": key}
 
 
+def _warn_non_finite(vit: nn.Module, path: Path) -> None:
+    """NaN or inf weights run, but every prediction they make is meaningless: say so."""
+    bad = [k for k, v in vit.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warn(f"checkpoint {path} has NaN or inf values in {len(bad)} tensor(s) (first: {bad[0]}); its accuracy is meaningless")
+
+
 def train_backbone(cfg: RunConfig, vit: nn.Module, key: str, reporter: Reporter, folder: Path | None = None) -> Path:
     tc = train_config(cfg)
-    reporter.print(f"backbone: no cached checkpoint for this configuration (key {key}); training {cfg.backbone} ({tc.epochs} epochs)")
+    reporter.print(f"backbone: no cached checkpoint for this configuration (key {key}); training {cfg.backbone} ({tc.epochs} epochs)",
+                   markup=False)
     metrics = train_digits_backbone(vit, datasets.embedded_config(cfg), tc, reporter, data=datasets.embedded_data(cfg))
     meta = {"key": backbone_key(cfg), "val_top1": metrics["val_top1"], "train_seconds": round(metrics["train_seconds"], 1)}
     path = cache.save(vit.state_dict(), cfg.backbone, key, meta, folder)
-    reporter.print(f"backbone: val top-1 {metrics['val_top1']:.2%} after {metrics['train_seconds']:.0f} s; saved {path}")
+    reporter.print(f"backbone: val top-1 {metrics['val_top1']:.2%} after {metrics['train_seconds']:.0f} s; saved {path}", markup=False)
     return path
 
 
@@ -222,7 +235,7 @@ def method_weights(
             metrics = spec.train(model, data, settings, bar)
         path = cache.save(model.state_dict(), name, key, {"key": key_obj, **(metrics or {})})
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
-        reporter.print(f"{spec.id}: fine-tuned {shown}; saved {path}")
+        reporter.print(f"{spec.id}: fine-tuned {shown}; saved {path}", markup=False)
     from safetensors.torch import load_file
 
     return load_file(str(path)), {"finetuned": True, "method_checkpoint": str(path), "method_checkpoint_sha256": cache.file_sha256(path)}
@@ -274,6 +287,27 @@ def check_methods_fit(cfg: RunConfig, groups: list[Group], vit: nn.Module) -> No
             raise UsageError(f"method '{method}' cannot run on backbone '{cfg.backbone}' ({e}); choose others with --methods") from None
 
 
+def device_memory(dev: torch.device) -> int:
+    """Bytes of memory the device has in all."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_batch_memory(cfg: RunConfig, evalset: datasets.EvalSet, devices: list[torch.device]) -> None:
+    """A batch size whose fp32 inputs alone exceed the device's memory cannot run at any setting:
+    refuse it now, not with an allocation error after the backbone is trained."""
+    view_bytes = 4 * int(np.prod(evalset.sample_shape))
+    batches = [("--batch-sizes", b, b * view_bytes) for b in cfg.batch_sizes]  # timing: one view per input
+    batches.append(("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size * (evalset.views or 1) * view_bytes))
+    for dev in devices:
+        capacity = device_memory(dev)
+        for what, bs, need in batches:
+            if need > capacity:
+                raise UsageError(f"{what} {bs}: one batch of inputs alone takes {need / 2**30:.1f} GiB, more than "
+                                 f"the {capacity / 2**30:.1f} GiB of {dev}; pick a smaller batch size")
+
+
 def git_commit() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -322,7 +356,7 @@ def execute(cfg: RunConfig, reporter: Reporter, resume: str | None = None, argv:
         skip_corrupt = cfg.skip_corrupt  # the one flag a resume may add: a run stopped by a corrupt video
         cfg = RunConfig.from_dict(run.manifest()["config"])
         cfg.skip_corrupt = cfg.skip_corrupt or skip_corrupt
-        reporter.print(f"resuming run {run.path} ({len(run.records())} cells already done)")
+        reporter.print(f"resuming run {run.path} ({len(run.records())} cells already done)", markup=False)
     for m, b in implied_budgets(cfg.checkpoint).items():  # official A-ViT: the gate is in the file name
         cfg.budgets.setdefault(m, b)
     if cfg.workers:
@@ -351,8 +385,18 @@ def _execute(cfg: RunConfig, reporter: Reporter, run: Run | None, argv: list[str
     root = Path(cfg.out)
     if d.main:
         ensure_writable(run.path if resume else root)  # fail before any training or measuring
+    with contextlib.ExitStack() as held:
+        if d.main and run is not None:
+            held.enter_context(run.locked())  # a second `--resume` of this run refuses before any work
+        return _prepare_and_measure(cfg, run, method_ids, devices, d, reporter, held, argv)
+
+
+def _prepare_and_measure(cfg: RunConfig, run: Run | None, method_ids: list[str], devices: list[torch.device],
+                         d: parallel.Dist, reporter: Reporter, held: contextlib.ExitStack, argv: list[str] | None) -> Run | None:
+    """Backbone, data and plan, then every cell not done yet; ``run`` is None for a new run."""
     vit = create_backbone(cfg)
     evalset = datasets.load(cfg, vit)
+    check_batch_memory(cfg, evalset, devices)
     groups = plan(cfg, method_ids, devices)
     check_methods_fit(cfg, groups, vit)
     for g in groups if d.active else ():  # rank r runs on cuda:LOCAL_RANK; the cells keep the asked device
@@ -362,13 +406,14 @@ def _execute(cfg: RunConfig, reporter: Reporter, run: Run | None, argv: list[str
         _run_groups(cfg, None, groups, vit, backbone_info, evalset, reporter, d)
         parallel.finish(d)
         return None
-    if resume:
+    if run is not None:
         recorded = run.manifest().get("checkpoint_sha256")
         if recorded is not None and recorded != backbone_info.get("checkpoint_sha256"):
             raise UsageError(f"run {run.id} was measured with checkpoint sha256 {recorded[:12]}, but "
                              f"{backbone_info.get('checkpoint')} has {backbone_info.get('checkpoint_sha256', '')[:12]}; start a new run")
     else:
-        run = Run.create(root, cfg.profile, new_manifest(cfg, argv or sys.argv))
+        run = Run.create(Path(cfg.out), cfg.profile, new_manifest(cfg, argv or sys.argv))
+        held.enter_context(run.locked())
     manifest = run.manifest()
     manifest.update({k: v for k, v in backbone_info.items() if not k.startswith("_")})
     manifest["status"] = "running"
@@ -378,8 +423,15 @@ def _execute(cfg: RunConfig, reporter: Reporter, run: Run | None, argv: list[str
     total_cells = len(groups) * len(cfg.batch_sizes)
     manifest["planned_cells"] = total_cells
     run.write_manifest(manifest)
-    reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}")
+    reporter.print(f"run {run.id}: {len(groups)} model configurations x {len(cfg.batch_sizes)} batch sizes = {total_cells} cells -> {run.path}",
+                   markup=False)
+    _measure(cfg, run, groups, vit, backbone_info, evalset, reporter, d)
+    return run
 
+
+def _measure(cfg: RunConfig, run: Run, groups: list[Group], vit: nn.Module, backbone_info: dict,
+             evalset: datasets.EvalSet, reporter: Reporter, d: parallel.Dist) -> None:
+    """Every cell of ``groups`` not done yet; the manifest's status says how it ended."""
     try:
         if cfg.workers:
             parallel.merge_workers(run)  # cells a worker of an interrupted run finished
@@ -389,16 +441,28 @@ def _execute(cfg: RunConfig, reporter: Reporter, run: Run | None, argv: list[str
         else:
             _run_groups(cfg, run, groups, vit, backbone_info, evalset, reporter, d)
             parallel.finish(d)
-    except KeyboardInterrupt:
-        manifest = run.manifest()
-        manifest["status"] = "interrupted"
-        run.write_manifest(manifest)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (bench.cli turns it into this)
+        _set_status(run, "interrupted")
+        raise
+    except Exception as e:  # a bad image, a bad setting met late, a bug: the manifest says so, not "running"
+        _set_status(run, f"failed: {failure_reason(e)}")
         raise
     manifest = run.manifest()
     manifest["status"] = "complete"
     manifest["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     run.write_manifest(manifest)
-    return run
+
+
+def _set_status(run: Run, status: str) -> None:
+    manifest = run.manifest()
+    manifest["status"] = status
+    run.write_manifest(manifest)
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line for the manifest: the error's first line (or its type), at most 300 characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]
 
 
 def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Module, backbone_info: dict,

@@ -6,20 +6,33 @@ lines=True)`` loads in one call, and ``--resume`` can finish it without repeatin
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import glob
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, warn
 
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
+LOCK = ".lock"  # held by the process measuring into the run (Run.locked)
+DAMAGED = "records.damaged.jsonl"  # lines of records.jsonl that could not be read, kept for inspection
 IDENTITY = ("method", "budget", "mode", "device", "precision", "batch_size")
+
+
+def umask_mode(base: int = 0o666) -> int:
+    """The mode open() or mkdir() would give (``base`` less the umask). Temporary files are made
+    0600 (folders 0700), which would keep other users and a web server out of results and reports."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -28,11 +41,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), umask_mode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with __import__("contextlib").suppress(OSError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -55,13 +69,49 @@ def cell_key(record: dict) -> str:
     return "|".join(str(record[k]) for k in IDENTITY)
 
 
-def ensure_writable(root: Path) -> None:
+def ensure_writable(root: Path, flag: str = "--out", what: str = "results folder") -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as e:
-        raise UsageError(f"results folder {root} cannot be written ({e.strerror or e}); pass --out to a writable folder") from None
+        raise UsageError(f"{what} {root} cannot be written ({e.strerror or e}); pass {flag} to a writable folder") from None
+
+
+def staging_folder(root: Path, name: str) -> Path:
+    """A hidden folder beside ``root/name`` to build its new version in, so that a kill leaves the
+    old version whole, never a partial one. Leftovers of builds that were killed are removed first."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    for kind in ("new", "old"):
+        for stale in root.glob(f".{glob.escape(name)}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.new-"))
+    folder.chmod(umask_mode(0o777))  # mkdtemp's 0700 would become the finished folder's mode
+    return folder
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put ``new`` in place of ``dest`` by renames: a reader sees the old folder or the new one."""
+    import shutil
+
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes cut short by a power cut or SIGKILL (``.NAME.*.tmp``);
+    call only where no other process can be writing (a run: under its lock)."""
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 class Run:
@@ -115,20 +165,55 @@ class Run:
         where = str(p) if p == Path(root) / ref else f"{p} and {Path(root) / ref}"
         raise UsageError(f"no run '{ref}' (looked for {where}); `ls {root}` lists runs")
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while a process measures into this run, so that a second ``bench run --resume`` of
+        it refuses instead of measuring the same cells on the same cores (the kernel releases the
+        lock when its holder dies, even by SIGKILL, so a killed run can still be resumed)."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.path / LOCK, timeout=0, mode=umask_mode())
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UsageError(f"run {self.id} is being measured by another bench process right now; "
+                             "let it finish (or stop it) before resuming it") from None
+        try:
+            for leftover in remove_stale_temporaries(self.path) + remove_stale_temporaries(self.path / "raw"):
+                warn(f"removed {leftover}, a temporary file left by a write that was cut short")
+            yield
+        finally:
+            lock.release()
+
     def manifest(self) -> dict:
         try:
             return json.loads((self.path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
             raise UsageError(f"{self.path / MANIFEST} cannot be read ({e}); the run folder is damaged") from None
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=2, default=_jsonable) + "\n").encode())
 
     def records(self) -> list[dict]:
+        return [json.loads(line) for line in self._record_lines()[0]]
+
+    def _record_lines(self) -> tuple[list[str], list[str]]:
+        """(good lines, damaged lines) of records.jsonl. A damaged line (half written after a power
+        cut, edited by hand) is skipped with a warning naming it, never taking the good ones along."""
         path = self.path / RECORDS
         if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return [], []
+        good, damaged = [], []
+        for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            problem = _record_problem(line)
+            if problem is None:
+                good.append(line)
+            else:
+                damaged.append(line)
+                warn(f"{path} line {number} is damaged ({problem}); skipped, the other records are used")
+        return good, damaged
 
     def done_keys(self) -> set[str]:
         return {cell_key(r) for r in self.records()}
@@ -136,13 +221,19 @@ class Run:
     def add_record(self, record: dict, raw: dict[str, np.ndarray] | None = None) -> None:
         """Append one finished cell: the whole file is rewritten atomically, never half-written."""
         key = cell_key(record)
-        existing = [r for r in self.records() if cell_key(r) != key]
+        good, damaged = self._record_lines()
+        if damaged:  # moved aside before the rewrite drops them from records.jsonl
+            with open(self.path / DAMAGED, "a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in damaged))
+            warn(f"{len(damaged)} damaged line(s) of {self.path / RECORDS} moved to {self.path / DAMAGED}")
+        existing = [r for r in map(json.loads, good) if cell_key(r) != key]
         if raw:
             raw_name = f"raw/{_safe(key)}.npz"
             raw_path = self.path / raw_name
             raw_path.parent.mkdir(exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=raw_path.parent, suffix=".npz", delete=False) as f:
+            with tempfile.NamedTemporaryFile(dir=raw_path.parent, prefix=f".{raw_path.name}.", suffix=".tmp", delete=False) as f:
                 np.savez_compressed(f, **raw)
+                os.fchmod(f.fileno(), umask_mode())
             os.replace(f.name, raw_path)
             record = {**record, "raw": raw_name}
         lines = [dumps(r) for r in existing + [record]]
@@ -168,10 +259,22 @@ class Run:
     def dataframe(self):
         import pandas as pd
 
-        path = self.path / RECORDS
-        if not path.is_file() or not path.read_text().strip():
+        good, _ = self._record_lines()
+        if not good:
             return pd.DataFrame()
-        return pd.read_json(path, lines=True, dtype=False)  # keep '2111.15667' and '0.50' as text
+        return pd.read_json(io.StringIO("\n".join(good)), lines=True, dtype=False)  # keep '2111.15667' and '0.50' as text
+
+
+def _record_problem(line: str) -> str | None:
+    """Why one line of records.jsonl is not a record, or None."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e.msg}, column {e.colno}"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [k for k in IDENTITY if k not in record]
+    return f"no {', '.join(missing)}" if missing else None
 
 
 def _safe(key: str) -> str:

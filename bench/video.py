@@ -75,6 +75,10 @@ class VideoEvalSet(EvalSet):
             if x is not None:
                 yield x.flatten(0, 1), y  # (B * views, C, T, H, W)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (3, self.sampling.frames, self.sampling.size, self.sampling.size)  # one view: (C, T, H, W)
+
     def timing_inputs(self, count: int, seed: int) -> torch.Tensor:
         """First view of a seeded selection of readable videos."""
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()

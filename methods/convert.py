@@ -60,6 +60,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from timm.models import load_state_dict
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the .pth or .safetensors file itself")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -183,3 +183,27 @@ def test_run_with_an_official_avit_file_name_takes_its_gate(tmp_path):
     recs = {r["method"]: r for r in runner.execute(cfg, Reporter(quiet=True)).records()}
     assert recs["avit"]["budget"] == "gate_scale:2+gate_center:15"
     assert recs["avit"]["knobs"] == {"gate_scale": 2.0, "gate_center": 15.0}
+
+
+def test_non_finite_checkpoint_is_warned_about(tmp_path, capsys):
+    from bench import config, runner
+    from bench.progress import Reporter
+
+    cfg = config.resolve("smoke", ROOT / "bench.toml", out=str(tmp_path / "results"))
+    state = {k: v.contiguous() for k, v in runner.create_backbone(cfg).state_dict().items()}
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+              str(tmp_path / "nan.safetensors"))
+    cfg.checkpoint = str(tmp_path / "nan.safetensors")
+    runner.prepare_backbone(cfg, runner.create_backbone(cfg), Reporter(quiet=True))
+    warned = capsys.readouterr().err
+    assert "warning: checkpoint" in warned and "NaN or inf values in" in warned and "meaningless" in warned
+    save_file(state, str(tmp_path / "fine.safetensors"))
+    cfg.checkpoint = str(tmp_path / "fine.safetensors")
+    runner.prepare_backbone(cfg, runner.create_backbone(cfg), Reporter(quiet=True))
+    assert "NaN" not in capsys.readouterr().err
+
+
+def test_a_folder_as_checkpoint_is_named_a_folder(tmp_path, monkeypatch, capsys):
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "--checkpoint", str(tmp_path),
+                               "--out", str(tmp_path / "results"), "-q")
+    assert code == 2 and f"checkpoint {tmp_path} is a folder" in stderr and "does not exist" not in stderr, stderr

@@ -77,7 +77,7 @@ def test_regressions_fail_with_exit_1(run_dir, tmp_path, monkeypatch, capsys, wh
     cur = copy_run(run_dir, tmp_path / "cur", edit, quiet_timing=True)
     code, out, err = main("compare", str(base), str(cur), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1, (out, err)
-    assert f"{gate}:" in err and "regression" in err
+    assert f"{gate}:" in err and "regression" in err and "[compare] in bench.toml" in err
     assert ("missing" if what == "missing" else "REGRESSED") in out
     # the same change passes when that gate is not failing, or its tolerance allows it
     code, out, err = main("compare", str(base), str(cur), "--fail-on",
@@ -88,6 +88,19 @@ def test_regressions_fail_with_exit_1(run_dir, tmp_path, monkeypatch, capsys, wh
         loose = {"accuracy": "accuracy=6", "gmacs": "gmacs=3%", "speed": "speed=0.7"}[what]
         code, out, err = main("compare", str(base), str(cur), "--tolerance", loose, monkeypatch=monkeypatch, capsys=capsys)
         assert code == 0, (out, err)
+
+
+def test_out_of_memory_cell_fails_as_missing(run_dir, tmp_path, monkeypatch, capsys):
+    """A cell that ran out of memory (NaN speed) is no measurement: it fails the missing gate."""
+    nan = float("nan")
+    cur = copy_run(run_dir, tmp_path / "cur", _set(_ats(bs=4), status="oom", speedup=nan, img_per_s=nan, latency_ms_p50=nan,
+                                                   latency_ms_p90=nan, batch_size_run=0), quiet_timing=True)
+    code, out, err = main("compare", str(run_dir), str(cur), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "missing: 1" in err, (out, err)
+    assert "out of memory" in out and "1 out of memory" in out
+    code, out, err = main("compare", str(run_dir), str(cur), "--fail-on", "accuracy,gmacs,speed",
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, (out, err)
 
 
 def test_small_changes_within_thresholds_pass(run_dir, tmp_path, monkeypatch, capsys):
@@ -174,6 +187,32 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, monkeypatch, capsys
     assert "Traceback" not in out + err
 
 
+def _damage_last_line(run: Path) -> None:
+    lines = (run / "records.jsonl").read_text().splitlines()
+    (run / "records.jsonl").write_text("\n".join(lines[:-1] + [lines[-1][:40]]) + "\n")  # a half-written line
+
+
+def test_damaged_record_line_on_either_side(run_dir, tmp_path, monkeypatch, capsys):
+    """The damaged cell is skipped with a warning naming the line; the other cells are compared, and a
+    baseline cell lost that way fails the missing gate."""
+    damaged = copy_run(run_dir, tmp_path / "damaged")
+    _damage_last_line(damaged)
+    code, out, err = main("compare", str(run_dir), str(damaged), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "records.jsonl line 6 is damaged" in err and "missing: 1" in err, (out, err)
+    assert "5 cells compared" in out
+    code, out, err = main("compare", str(damaged), str(run_dir), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "5 cells compared" in out and "1 new" in out, (out, err)
+
+
+def test_unwritable_markdown_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, out, err = main("compare", str(run_dir), str(run_dir), "--markdown", str(blocker / "cmp.md"),
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().startswith("error: --markdown") and "cannot be written" in err
+
+
 def test_bad_input_in_a_real_process(run_dir, tmp_path):
     other = copy_run(run_dir, tmp_path / "c", manifest=lambda m: m.update(profile="ci"))
     p = bench("compare", str(run_dir), str(other))
@@ -190,6 +229,7 @@ def test_baseline_update_and_compare_by_profile_name(run_dir, tmp_path, monkeypa
     assert "(new)" in out and (base / "records.jsonl").read_text() == (run_dir / "records.jsonl").read_text()
     assert Run(base).manifest()["baseline_of"] == run_dir.name
     assert all(Run(base).raw(r) for r in Run(base).records())  # per-sample correctness travels along
+    assert base.stat().st_mode & 0o777 == (results / "baselines").stat().st_mode & 0o777  # the umask's, not mkdtemp's 0700
     code, out, err = main("compare", "smoke", run_dir.name, "--results", str(results), monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and "no regression" in out, err
     # a second update replaces it and says what it replaced

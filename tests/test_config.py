@@ -72,3 +72,29 @@ def test_bad_toml_syntax(tmp_path):
     p = write(tmp_path, "[profiles.default\n")
     with pytest.raises(UsageError, match="not valid TOML"):
         config.load_file(p)
+
+
+def test_repeated_values_are_measured_once():
+    """--batch-sizes 1,1 or --device cpu,cpu used to plan a cell twice, the second overwriting the first."""
+    import methods
+
+    from bench import budgets, runner
+
+    cfg = config.resolve("smoke", batch_sizes=[1, 8, 1], device="cpu,cpu", precision="fp32,fp32", methods="deit,ats,deit",
+                         budgets={"ats": ["0.5", 0.5, "0.25"]})
+    assert (cfg.batch_sizes, cfg.devices, cfg.precisions, cfg.methods) == ([1, 8], ["cpu"], ["fp32"], ["deit", "ats"])
+    assert budgets.for_method("ats", cfg.budgets) == ["0.5", "0.25"]
+    ids, devices = runner.validate(cfg)
+    groups = runner.plan(cfg, ids, devices)
+    cells = [tuple(g.identity(b).values()) for g in groups for b in cfg.batch_sizes]
+    assert len(cells) == len(set(cells)) == 6  # deit full + ats 0.5, 0.25; batch 1 and 8
+    assert methods.get("ats")  # the registry the plan used
+
+
+def test_config_that_is_not_utf8_or_is_a_folder(tmp_path):
+    p = tmp_path / "bench.toml"
+    p.write_bytes(b"[profiles.default]\ndescription = '\xff\xfe'\n")
+    with pytest.raises(UsageError, match="not UTF-8 text"):
+        config.load_file(p)
+    with pytest.raises(UsageError, match="is a folder; pass --config the bench.toml file itself"):
+        config.load_file(tmp_path)

@@ -116,6 +116,32 @@ def test_flat_layout_with_label_file(tmp_path, flat):
     assert labels_of(evalset) == [5, 999, 0, 5]
 
 
+def test_flat_label_file_outside_imagenet_or_naming_absent_files(tmp_path, flat, capsys):
+    """An index past 999 is an error naming the line; entries for files that are not there are
+    counted in the manifest and reported (a partial copy of the validation set)."""
+    label_file = tmp_path / "val_flat.txt"
+    good = label_file.read_text()
+    label_file.write_text(good.replace(" 999\n", " 5000\n"))
+    cfg = tiny_cfg(tmp_path, flat)
+    with pytest.raises(UsageError, match=r"val_flat.txt:2: class index 5000 is outside ImageNet-1k"):
+        datasets.load(cfg, runner.create_backbone(cfg))
+    label_file.write_text(good + "ILSVRC2012_val_00000099.JPEG 7\nILSVRC2012_val_00000098.JPEG 8\n")
+    evalset = datasets.load(cfg, runner.create_backbone(cfg))
+    assert evalset.n == 4 and evalset.info["labels_without_file"] == 2
+    assert "labels 2 file(s) that are not in" in capsys.readouterr().err
+
+
+def test_decompression_bomb_is_an_unreadable_image_not_a_crash(tmp_path, monkeypatch):
+    """An image over PIL's pixel limit stops the run by path (or is skipped), like a corrupt one."""
+    from bench.data.imagenet import ImageFiles
+
+    _photo(tmp_path / "huge.JPEG", size=(200, 200))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 200 x 200 is over twice the limit: PIL refuses it
+    files = ImageFiles([(tmp_path / "huge.JPEG", 3)], transform=lambda im: torch.zeros(3, 8, 8))
+    files.input_size = (3, 8, 8)
+    assert files[0][1] == -1
+
+
 def test_grayscale_and_tiny_images_become_model_sized_rgb(tmp_path, class_folders):
     cfg = tiny_cfg(tmp_path, class_folders)
     evalset = datasets.load(cfg, runner.create_backbone(cfg))

@@ -128,3 +128,15 @@ def test_memory_cap_on_cuda_sets_the_allocator_fraction_of_the_current_device_an
     with pytest.raises(RuntimeError, match="boom"), kernels.memory_cap(16 * 1024, torch.device("cuda", 1)):
         raise RuntimeError("boom")
     assert calls == [(0.25, 3), (1.0, 3), (1.0, 1), (1.0, 1)]  # capped at the whole device, restored after an error
+
+
+def test_cpu_allocation_failure_backs_off_like_an_oom():
+    from bench.kernels import with_backoff
+
+    def fn(bs):
+        if bs > 16:
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {bs * 10**12} bytes.")
+        return bs
+
+    result, ran, failed = with_backoff(fn, 64, torch.device("cpu"))
+    assert result == ran <= 16 and failed and failed[0] == 64

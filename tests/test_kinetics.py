@@ -208,3 +208,9 @@ memory_iters = 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["dataset"]["skipped_corrupt"] == 1
     assert manifest["dataset"]["skipped_files"] == [str(data / "val" / "abseiling" / "corrupted.mp4")]
+
+
+def test_csv_row_with_an_empty_label_is_named(tmp_path):
+    (tmp_path / "val.csv").write_text("label,youtube_id,time_start,time_end\nzumba,abc,0,10\n,def,0,10\n  ,ghi,0,10\n")
+    with pytest.raises(kinetics.LayoutError, match=r"val.csv:3: empty label \(and 1 more rows\)"):
+        kinetics.discover(tmp_path, 400)

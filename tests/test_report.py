@@ -146,6 +146,43 @@ def test_report_of_two_runs(run_dir, tmp_path):
     assert (folder / "report.html").is_file() and (folder / "plots" / "accuracy_vs_gmacs.svg").is_file()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_report_of_non_finite_values(run_dir, tmp_path, value):
+    """Cells whose numbers are NaN (out of memory) or inf still make a report: the plots leave them out."""
+    import json
+
+    copy = tmp_path / "results" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    records = [json.loads(line) for line in (copy / "records.jsonl").read_text().splitlines()]
+    for r in records[2:]:  # every number of the adaptive cells
+        r.update({k: value for k, v in r.items() if isinstance(v, float)})
+    (copy / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    folder = report.write([Run(copy)], tmp_path / "rep")
+    assert len(pd.read_csv(folder / "leaderboard.csv")) == len(records)
+    assert (folder / "report.html").is_file() and (folder / "plots" / "speedup_vs_gmacs.png").is_file()
+
+
+def test_a_report_cut_short_leaves_the_previous_one_whole(run_dir, tmp_path, monkeypatch):
+    """A kill while the report is written (here: Ctrl-C while plotting) leaves the previous report
+    as it was and no partial folder; leftovers of a SIGKILLed write are removed by the next one."""
+    folder = report.write([Run(run_dir)], tmp_path / "rep")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(plots, "draw_all", killed)
+        with pytest.raises(KeyboardInterrupt):
+            report.write([Run(run_dir)], tmp_path / "rep")
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [folder.name]
+    leftover = tmp_path / "rep" / f".{folder.name}.new-killed"  # what a SIGKILL mid-write leaves
+    (leftover / "plots").mkdir(parents=True)
+    report.write([Run(run_dir)], tmp_path / "rep")
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [folder.name]
+
+
 def test_pareto_front():
     pts = pd.DataFrame({"gmacs": [1.0, 2.0, 2.0, 3.0, 0.5], "top1": [80.0, 85.0, 70.0, 84.0, 60.0]})
     front = plots.pareto(pts)

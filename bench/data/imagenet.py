@@ -36,8 +36,12 @@ def _label_file(root: Path) -> Path | None:
     return None
 
 
-def discover(root: Path) -> tuple[list[tuple[Path, int]], str]:
-    """(file, ImageNet-1k index) pairs and the layout found under ``root``."""
+NUM_CLASSES = 1000
+
+
+def discover(root: Path) -> tuple[list[tuple[Path, int]], dict]:
+    """(file, ImageNet-1k index) pairs, and what was found under ``root``: the layout and, for a
+    flat folder, how many label-file entries name no file in it (a partial copy of the set)."""
     from timm.data import ImageNetInfo
 
     root = Path(root)
@@ -55,7 +59,7 @@ def discover(root: Path) -> tuple[list[tuple[Path, int]], str]:
         items = [(f, wnid_index[d.name]) for d in class_dirs for f in _images(d)]
         if not items:
             raise LayoutError(f"data path {root} has class folders but no images in them")
-        return items, "class_folders"
+        return items, {"layout": "class_folders"}
     files = _images(root)
     if not files:
         raise LayoutError(
@@ -64,6 +68,16 @@ def discover(root: Path) -> tuple[list[tuple[Path, int]], str]:
     labels_path = _label_file(root)
     if labels_path is None:
         raise LayoutError(f"{root}: flat layout needs a label file of 'filename index' lines ({root.name}.txt beside it, or labels.txt inside)")
+    labels = _read_labels(labels_path)
+    missing = [f.name for f in files if f.name not in labels]
+    if missing:
+        raise LayoutError(f"{labels_path} has no label for {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+    absent = len(labels) - len(files)  # every file has a label, so the rest of the entries name no file
+    return [(f, labels[f.name]) for f in files], {"layout": "flat", "label_file": str(labels_path), "labels_without_file": absent}
+
+
+def _read_labels(labels_path: Path) -> dict[str, int]:
+    """``filename index`` lines; an index outside ImageNet-1k is an error naming the line."""
     labels: dict[str, int] = {}
     for n, line in enumerate(labels_path.read_text().splitlines(), 1):
         parts = line.split()
@@ -71,11 +85,10 @@ def discover(root: Path) -> tuple[list[tuple[Path, int]], str]:
             continue
         if len(parts) != 2 or not parts[1].isdigit():
             raise LayoutError(f"{labels_path}:{n}: expected 'filename index', got {line!r}")
+        if int(parts[1]) >= NUM_CLASSES:
+            raise LayoutError(f"{labels_path}:{n}: class index {parts[1]} is outside ImageNet-1k (0-{NUM_CLASSES - 1})")
         labels[parts[0]] = int(parts[1])
-    missing = [f.name for f in files if f.name not in labels]
-    if missing:
-        raise LayoutError(f"{labels_path} has no label for {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
-    return [(f, labels[f.name]) for f in files], "flat"
+    return labels
 
 
 class ImageFiles(Dataset):
@@ -96,7 +109,7 @@ class ImageFiles(Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")
             return self.transform(img), label, i
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
             return torch.zeros(self._shape()), -1, i
 
     def _shape(self):

@@ -135,6 +135,10 @@ def _from_csv(csv: Path, num_classes: int) -> tuple[list[tuple[Path, int]], dict
     missing_cols = [c for c in CSV_COLUMNS if c not in table.columns]
     if missing_cols:
         raise LayoutError(f"{csv}: missing column(s) {', '.join(missing_cols)}; expected {','.join(CSV_COLUMNS)},split")
+    empty = table.index[table["label"].isna() | (table["label"].astype(str).str.strip() == "")]
+    if len(empty):  # line numbers count the header as line 1
+        raise LayoutError(f"{csv}:{int(empty[0]) + 2}: empty label" + (f" (and {len(empty) - 1} more rows)" if len(empty) > 1 else "")
+                          + "; every clip needs its class name")
     root = csv.parent.parent if csv.parent.name == "annotations" else csv.parent
     names = class_list(num_classes, root, table["label"].tolist())
     index = {canonical(n): i for i, n in enumerate(names)}
