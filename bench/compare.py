@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from methods import DENSE
+
 from .errors import UsageError
 from .store import IDENTITY, MANIFEST, RECORDS, Run, replace_folder, staging_folder
 
@@ -237,7 +239,7 @@ def compare(base: Run, cur: Run, th: Thresholds) -> Comparison:
         if c.get("status") == "oom" and b.get("status") != "oom":
             row.update(speedup_base=float(b.get("speedup", float("nan"))), speedup_cur=float("nan"),
                        speedup_change=float("nan"), speedup_allowed=float("nan"), speedup_verdict=OOM)
-        elif c["method"] == "deit" or not (b.get("speedup", 0) > 0 and c.get("speedup", 0) > 0):
+        elif c["method"] == DENSE or not (b.get("speedup", 0) > 0 and c.get("speedup", 0) > 0):
             row.update(speedup_base=float(b.get("speedup", float("nan"))), speedup_cur=float(c.get("speedup", float("nan"))),
                        speedup_change=0.0, speedup_allowed=float("nan"), speedup_verdict="n/a")
         else:

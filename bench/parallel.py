@@ -137,7 +137,7 @@ def evaluate(model, evalset, batch_size: int, device, precision: str, reporter, 
 
 def check_pool(names: list[str]) -> list[torch.device]:
     """The worker devices: all of one kind (the cells' ``device`` is that kind), each real."""
-    from .runner import device_name, resolve_device
+    from .devices import device_name, resolve_device
 
     devs = [resolve_device(n) for n in names]
     kinds = {d.type for d in devs}
@@ -195,7 +195,7 @@ def spawn(run, pool: list[str], n_groups: int, threads: int | None, reporter) ->
     for i, (dev, share) in enumerate(zip(pool, shares)):
         if not share:
             continue
-        cmd = [sys.executable, "-m", "bench.parallel", str(run.path), str(i), dev, ",".join(map(str, share))]
+        cmd = [sys.executable, "-m", "bench.worker", str(run.path), str(i), dev, ",".join(map(str, share))]
         if threads:
             cmd.append(str(threads))
         procs.append((i, dev, subprocess.Popen(cmd, env=env)))
@@ -215,26 +215,3 @@ def spawn(run, pool: list[str], n_groups: int, threads: int | None, reporter) ->
     merge_workers(run)
     if failed:
         raise UsageError(f"{'; '.join(failed)}; finished cells are saved, finish with `bench run --resume {run.id}`")
-
-
-def _worker_main(argv: list[str]) -> None:
-    """``python -m bench.parallel RUN INDEX DEVICE G1,G2,... [THREADS]``: one worker of ``spawn``."""
-    from .cli import err
-    from .progress import Reporter
-    from .runner import run_worker
-
-    run_path, index, device, share = argv[:4]
-    threads = int(argv[4]) if len(argv) > 4 else None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        run_worker(Path(run_path), int(index), device, [int(g) for g in share.split(",") if g], threads,
-                   Reporter(console=err, quiet=True))
-    except UsageError as e:
-        from rich.markup import escape
-
-        err.print(f"[bold red]error:[/] worker {index}: {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])

@@ -22,6 +22,7 @@ from methods.convert import implied_budgets, load_strict
 from . import budgets as budgets_mod
 from . import cache, datasets, kernels, measure, parallel, tokenmap
 from .config import RunConfig, check_values
+from .devices import device_name, resolve_device
 from .errors import UsageError, warn
 from .progress import Reporter
 from .store import Run, cell_key
@@ -46,37 +47,9 @@ def resolve_methods(names: list[str]) -> list[str]:
             raise UsageError(f"unknown method '{n}'; known methods: {', '.join(known)} (`bench list methods`)")
         elif n not in out:
             out.append(n)
-    if "deit" not in out:
-        out.insert(0, "deit")  # the dense reference is always measured: every ratio needs it
+    if methods.DENSE not in out:
+        out.insert(0, methods.DENSE)  # the dense reference is always measured: every ratio needs it
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device '{name}' requested but no CUDA GPU is visible; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"device '{name}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return dev
-    raise UsageError(f"device '{name}' is not supported; use cpu, cuda or cuda:N")
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def validate(cfg: RunConfig) -> tuple[list[str], list[torch.device]]:
@@ -483,15 +456,8 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
         if not todo:
             continue
         spec = methods.get(g.method)
-        state, method_info = method_weights(cfg, spec, vit, g.knobs, backbone_info, reporter)
-        model = methods.build(g.method, vit, mode=g.mode, **g.knobs)
-        if state is not None:
-            load_strict(model, state, method_info.get("method_checkpoint", spec.id))
-        model = _runnable(kernels.set_attention(model.to(g.device).eval(), cfg.attention), cfg)
-        ref_key = (str(g.device), g.precision)
-        if g.method != "deit" and ref_key not in references:
-            references[ref_key] = _runnable(kernels.set_attention(methods.build("deit", vit).to(g.device).eval(), cfg.attention), cfg)
-        reference = references.get(ref_key) if g.method != "deit" else None
+        model, method_info = _group_model(cfg, g, spec, vit, backbone_info, reporter)
+        reference = _dense_reference(cfg, g, vit, references)
         name = f"{g.method} {g.budget}"
         with kernels.attention_context(cfg.attention):
             if d.active:  # every rank must take the same batches: no back-off under torchrun
@@ -518,38 +484,62 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
                 raw = {"correct1": result.correct1, "gmacs_per_sample": result.gmacs, **raw}
                 if token_blocks is not None:
                     raw["token_blocks"] = token_blocks
-                record = {
-                    **g.identity(bs),
-                    "run_id": run.id,
-                    "paper": spec.paper,
-                    "arxiv": spec.arxiv,
-                    "knobs": g.knobs,
-                    "backbone": cfg.backbone,
-                    "checkpoint": Path(backbone_info.get("checkpoint", "")).name,
-                    "checkpoint_sha256": backbone_info.get("checkpoint_sha256", ""),
-                    **method_info,
-                    "dataset": evalset.name,
-                    "device_name": device_name(g.device),
-                    "threads": torch.get_num_threads(),
-                    "param_count_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
-                    **summary,
-                    "dense_gmacs": dense_gmacs,
-                    "gmacs_ratio": summary["gmacs"] / dense_gmacs,
-                    **t,
-                    **setup,
-                    **_cap_fields(cfg, g.device),
-                    "status": "oom" if cell is None else ("oom_backoff" if failed else "ok"),
-                    "batch_size_run": ran,
-                    "oom_backoff": failed,
-                    "eval_batch_size": eval_bs,
-                    "eval_oom_backoff": eval_failed,
-                    "eval_world_size": d.world,
-                    "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                }
+                outcome = {"status": "oom" if cell is None else ("oom_backoff" if failed else "ok"), "batch_size_run": ran,
+                           "oom_backoff": failed, "eval_batch_size": eval_bs, "eval_oom_backoff": eval_failed}
+                record = _cell_record(cfg, g, bs, run, spec, backbone_info, method_info, evalset, model, summary, dense_gmacs,
+                                      {**t, **setup, **_cap_fields(cfg, g.device), **outcome}, d)
                 if g.label:
                     record["worker_device"] = str(g.device)
                 run.add_record(record, raw)
         del model
+
+
+def _group_model(cfg: RunConfig, g: Group, spec: methods.MethodSpec, vit: nn.Module, backbone_info: dict,
+                 reporter: Reporter) -> tuple[nn.Module, dict]:
+    """The group's model with its (fine-tuned) weights, on its device, ready to run."""
+    state, method_info = method_weights(cfg, spec, vit, g.knobs, backbone_info, reporter)
+    model = methods.build(g.method, vit, mode=g.mode, **g.knobs)
+    if state is not None:
+        load_strict(model, state, method_info.get("method_checkpoint", spec.id))
+    return _runnable(kernels.set_attention(model.to(g.device).eval(), cfg.attention), cfg), method_info
+
+
+def _dense_reference(cfg: RunConfig, g: Group, vit: nn.Module, references: dict) -> nn.Module | None:
+    """The dense model a group's speedup is timed against (one per device and precision); None
+    for the dense group itself."""
+    if g.method == methods.DENSE:
+        return None
+    key = (str(g.device), g.precision)
+    if key not in references:
+        references[key] = _runnable(kernels.set_attention(methods.build(methods.DENSE, vit).to(g.device).eval(), cfg.attention), cfg)
+    return references[key]
+
+
+def _cell_record(cfg: RunConfig, g: Group, bs: int, run: Run, spec: methods.MethodSpec, backbone_info: dict, method_info: dict,
+                 evalset: datasets.EvalSet, model: nn.Module, summary: dict, dense_gmacs: float, measured: dict,
+                 d: parallel.Dist) -> dict:
+    """One cell's record (docs/records.md): what was measured and everything needed to reproduce it."""
+    return {
+        **g.identity(bs),
+        "run_id": run.id,
+        "paper": spec.paper,
+        "arxiv": spec.arxiv,
+        "knobs": g.knobs,
+        "backbone": cfg.backbone,
+        "checkpoint": Path(backbone_info.get("checkpoint", "")).name,
+        "checkpoint_sha256": backbone_info.get("checkpoint_sha256", ""),
+        **method_info,
+        "dataset": evalset.name,
+        "device_name": device_name(g.device),
+        "threads": torch.get_num_threads(),
+        "param_count_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+        **summary,
+        "dense_gmacs": dense_gmacs,
+        "gmacs_ratio": summary["gmacs"] / dense_gmacs,
+        **measured,  # timing, setup, memory cap and the cell's outcome
+        "eval_world_size": d.world,
+        "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 OOM_NAN = ("img_per_s", "speedup", "latency_ms_p50", "latency_ms_p90", "dense_img_per_s", "peak_mem_mb")
@@ -578,7 +568,7 @@ def _time_cell(cfg: RunConfig, g: Group, model: nn.Module, reference: nn.Module 
     raw = {"iter_seconds": np.asarray(t.pop("raw_seconds"))}
     if "raw_dense_seconds" in t:
         raw["dense_iter_seconds"] = np.asarray(t.pop("raw_dense_seconds"))
-    if g.method == "deit":
+    if g.method == methods.DENSE:
         t["speedup"] = 1.0
         t["dense_img_per_s"] = t["img_per_s"]
         t["dense_latency_ms_p50"] = t["latency_ms_p50"]

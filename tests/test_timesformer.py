@@ -17,7 +17,7 @@ from bench import config, runner, video
 from bench.errors import UsageError
 from bench.progress import Reporter
 from conftest import FIXTURES, ROOT, run_main
-from methods.backbones import CheckpointError, load_checkpoint
+from methods.convert import CheckpointError, load_checkpoint
 from methods.convert import load_backbone
 from methods.timesformer import FramePatchEmbed, TimeSformer
 
