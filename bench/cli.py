@@ -101,7 +101,8 @@ def run(
     if resume:
         _refuse_settings_on_resume({**flags, "profile": profile, "config": config})
     cfg = config_mod.resolve(profile or "default", config, **flags)
-    ensure_writable(Path(reports), "--reports", "reports folder")  # before the run, not after it
+    if write_report:
+        ensure_writable(Path(reports), "--reports", "reports folder")  # before the run, not after it
     reporter = _reporter(quiet)
     try:
         result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
@@ -110,13 +111,13 @@ def run(
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
     try:
-        _finish(result, Path(reports))
+        _finish(result, Path(reports), write_report)
     except KeyboardInterrupt:
         raise Interrupted(f"run {result.path} is complete; its report was not finished: "
                           f"`bench report {result.id} --results {result.path.parent}` writes it") from None
 
 
-def _finish(result, reports: Path) -> None:
+def _finish(result, reports: Path, write_report: bool = True) -> None:
     """The tables of a finished run, and its report."""
     from . import report as report_mod
 

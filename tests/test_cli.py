@@ -279,7 +279,7 @@ def test_ctrl_c_during_the_report_of_a_complete_run(tmp_path, monkeypatch, capsy
     done = Run.create(tmp_path / "results", "smoke", {"status": "complete"})
     monkeypatch.setattr(runner, "execute", lambda *a, **k: done)
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "write", interrupted)
@@ -297,10 +297,10 @@ def test_ctrl_c_while_torch_is_imported(monkeypatch, capsys):
 
     class CtrlCOnImport(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "methods.backbones":
+            if name == "methods.convert":
                 raise KeyboardInterrupt
 
-    monkeypatch.delitem(sys.modules, "methods.backbones", raising=False)
+    monkeypatch.delitem(sys.modules, "methods.convert", raising=False)
     monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
     try:
         code, _, stderr = run_main(monkeypatch, capsys, "list", "methods")
