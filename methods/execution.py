@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attention import Layout, packed_attention, sdpa
+from .attention import Layout, packed_attention
 from .macs import ViTShape
 
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Layout], torch.Tensor]
@@ -177,7 +177,6 @@ __all__ = [
     "flat_rows",
     "masked_block",
     "padded_layout",
-    "sdpa",
     "take_rows",
     "unpack",
 ]

@@ -27,6 +27,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .video import ClipInput
+
 # The official test pipeline normalises with its config defaults (DATA.MEAN / DATA.STD), not
 # ImageNet's statistics (docs/timesformer.md#evaluation).
 KINETICS_MEAN = (0.45, 0.45, 0.45)
@@ -34,7 +36,7 @@ KINETICS_STD = (0.225, 0.225, 0.225)
 WRAPPER_PREFIX = "model."  # the official model class holds the ViT as ``self.model``
 
 
-class FramePatchEmbed(PatchEmbed):
+class FramePatchEmbed(ClipInput, PatchEmbed):
     """timm's PatchEmbed applied to each frame: ``(B, C, T, H, W)`` -> ``(B, T*N, D)``, time-major.
 
     ``num_patches`` counts every frame's patches (``T*N``), which is what the harness's token
@@ -53,15 +55,8 @@ class FramePatchEmbed(PatchEmbed):
         self.num_patches = self.num_frames * self.patches_per_frame
         self.tubelet_size = 1  # one token per frame patch: the tubelet view of methods/video.py
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(T, H, W) of the clips this embedding takes."""
-        return (self.num_frames, *self.img_size)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or tuple(x.shape[2:]) != self.input_shape:
-            t, h, w = self.input_shape
-            raise ValueError(f"expected clips of shape (B, C, {t}, {h}, {w}), got {tuple(x.shape)}")
+        self.check_clips(x)
         b = x.shape[0]
         frames = x.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W)
         tokens = super().forward(frames)  # (B*T, N, D)

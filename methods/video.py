@@ -26,7 +26,25 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 
-class TubeletEmbed(nn.Module):
+class ClipInput:
+    """What a video patch embedding promises the harness: it takes ``(B, C, T, H, W)`` clips of
+    one fixed ``input_shape`` (``num_frames`` frames of ``img_size``), and says so when it does not."""
+
+    num_frames: int
+    img_size: tuple[int, int]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(T, H, W) of the clips this embedding takes."""
+        return (self.num_frames, *self.img_size)
+
+    def check_clips(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or tuple(x.shape[2:]) != self.input_shape:
+            t, h, w = self.input_shape
+            raise ValueError(f"expected clips of shape (B, C, {t}, {h}, {w}), got {tuple(x.shape)}")
+
+
+class TubeletEmbed(ClipInput, nn.Module):
     """``(B, C, T, H, W)`` -> ``(B, T/t * H/p * W/p, D)`` tokens with one ``Conv3d`` (``proj``).
 
     With ``stem=True`` ``proj`` is a small convolutional stem instead (two per-frame 3x3 stride-2
@@ -83,15 +101,8 @@ class TubeletEmbed(nn.Module):
             )
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(T, H, W) of the clips this embedding takes."""
-        return (self.num_frames, *self.img_size)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or tuple(x.shape[2:]) != self.input_shape:
-            t, h, w = self.input_shape
-            raise ValueError(f"expected clips of shape (B, C, {t}, {h}, {w}), got {tuple(x.shape)}")
+        self.check_clips(x)
         x = self.proj(x).flatten(2).transpose(1, 2)  # time-major, as VideoMAE
         return self.norm(x)
 

@@ -49,3 +49,17 @@ def shipped_backbone(cfg, ship_cmd: str):
     vit = runner.create_backbone(cfg)
     load_checkpoint(vit, path)
     return path, vit.eval()
+
+
+def quick_timing(profile: str, timing_samples: int = 2) -> str:
+    """A bench.toml ``[profiles.PROFILE.timing]`` table that times each cell for two iterations:
+    the measurement path runs end to end in tests without spending seconds on it."""
+    return f"""
+[profiles.{profile}.timing]
+warmup_iters = 1
+min_iters = 2
+max_iters = 2
+min_seconds = 0.0
+timing_samples = {timing_samples}
+memory_iters = 1
+"""

@@ -11,7 +11,7 @@ from PIL import Image
 from bench import config, datasets, runner
 from bench.errors import UsageError
 from bench.paper import beside
-from conftest import FIXTURES, ROOT, run_main
+from conftest import FIXTURES, ROOT, quick_timing, run_main
 
 MINI = FIXTURES / "imagenet-mini"
 # wnid -> ImageNet-1k index (synset_words.txt order); chosen so folder order != index order
@@ -35,28 +35,12 @@ img_size = 64
 
 [profiles.tiny.transform]
 input_size = [3, 64, 64]
-
-[profiles.tiny.timing]
-warmup_iters = 1
-min_iters = 2
-max_iters = 2
-min_seconds = 0.0
-timing_samples = 4
-memory_iters = 1
-"""
+""" + quick_timing("tiny", timing_samples=4)
 
 QUICK_TIMING = """
 [profiles.imagenet-quick]
 extends = "imagenet"
-
-[profiles.imagenet-quick.timing]
-warmup_iters = 1
-min_iters = 2
-max_iters = 2
-min_seconds = 0.0
-timing_samples = 2
-memory_iters = 1
-"""
+""" + quick_timing("imagenet-quick")
 
 
 def _photo(path: Path, size=(96, 80), mode="RGB", seed=0) -> None:

@@ -16,7 +16,7 @@ from bench.data import kinetics
 from bench.errors import UsageError
 from bench.progress import Reporter
 from bench.video import load_kinetics
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, quick_timing
 
 MINI = FIXTURES / "kinetics-mini"
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason=f"fixture folder {MINI} is absent")
@@ -181,14 +181,7 @@ img_size = 224
 embed_dim = 32
 depth = 2
 num_heads = 2
-[profiles.kmini.timing]
-warmup_iters = 1
-min_iters = 2
-max_iters = 2
-min_seconds = 0.0
-timing_samples = 2
-memory_iters = 1
-""")
+""" + quick_timing("kmini"))
     cmd = [sys.executable, "-m", "bench", "run", "--config", str(toml), "--profile", "kmini", "--data", str(data), "--checkpoint", "random",
            "--out", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -51,7 +51,8 @@ if __name__ == "__main__":
 """
 
 
-def run_script(tmp_path, source: str, *args: str, **kwargs):
+def run_script(tmp_path, source: str):
+    """``source`` as a script file, and the environment that imports this checkout's bench."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -66,7 +67,7 @@ def test_workers_decode_after_a_threaded_decode_in_the_parent(tmp_path):
     assert "decoded 4 errors 0" in done.stdout
 
 
-def fifo_writers_open(fifo: Path) -> bool:
+def fifo_has_reader(fifo: Path) -> bool:
     """Whether some process has ``fifo`` open (or is opening it) for reading."""
     try:
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -97,7 +98,7 @@ def test_a_stuck_worker_is_an_error_naming_its_file_and_is_stopped(tmp_path):
     assert x.shape[0] == 1 and not failed
     with pytest.raises(UsageError, match=r"no progress for 5 s while decoding .*stuck\.mp4"):
         next(batches)
-    assert wait_until(lambda: not fifo_writers_open(fifo), 30), "the stuck worker still holds the file"
+    assert wait_until(lambda: not fifo_has_reader(fifo), 30), "the stuck worker still holds the file"
 
 
 def descendants(pid: int) -> set[int]:

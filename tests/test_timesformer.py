@@ -16,7 +16,7 @@ import methods
 from bench import config, runner, video
 from bench.errors import UsageError
 from bench.progress import Reporter
-from conftest import FIXTURES, ROOT, run_main
+from conftest import FIXTURES, ROOT, quick_timing, run_main
 from methods.convert import CheckpointError, load_checkpoint
 from methods.convert import load_backbone
 from methods.timesformer import FramePatchEmbed, TimeSformer
@@ -225,14 +225,7 @@ def _fixture_profile(tmp_path, name: str, extra: str):
 extends = "timesformer"
 batch_sizes = [1]
 {extra}
-[profiles.{name}.timing]
-warmup_iters = 1
-min_iters = 2
-max_iters = 2
-min_seconds = 0.0
-timing_samples = 2
-memory_iters = 1
-""")
+""" + quick_timing(name))
     return toml
 
 
