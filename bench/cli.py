@@ -403,14 +403,18 @@ def main() -> None:
     # Signals first, so that Ctrl-C or SIGTERM while torch is still being imported ends as cleanly as later.
     # Ctrl-C must stop a run cleanly even when started from a shell that ignores SIGINT for
     # background jobs (the handler is inherited as SIG_IGN there).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _on_sigterm))}
+    global _main_pid
+    _main_pid = os.getpid()
     try:
         _main()
     except Interrupted as e:
         _interrupted(str(e))
     except KeyboardInterrupt:
         _interrupted()
+    finally:  # called in-process (tests, an embedding program): leave its handlers as they were
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _main() -> None:
@@ -482,12 +486,18 @@ def _bench_version() -> str:
 
 
 _terminated = False  # SIGTERM, not Ctrl-C: the exit code says which
+_main_pid = 0
 
 
 def _on_sigterm(signum, frame) -> None:
     """SIGTERM (a scheduler, `kill`, a CI timeout) stops a run the way Ctrl-C does: the run's
-    manifest says 'interrupted' and what was finished is kept."""
+    manifest says 'interrupted' and what was finished is kept. A forked child (a DataLoader
+    worker) that inherited this handler dies as usual: its parent stops it with SIGTERM."""
     global _terminated
+    if os.getpid() != _main_pid:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     _terminated = True
     raise KeyboardInterrupt
 

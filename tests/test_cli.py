@@ -198,7 +198,7 @@ def test_version(monkeypatch, capsys):
     assert code == 0 and stdout.strip() == f"bench {importlib.metadata.version('bench')}"
 
 
-def test_timm_spellings_are_aliases(monkeypatch, capsys):
+def test_timm_spellings_are_aliases(tmp_path, monkeypatch, capsys):
     """--model, --batch-size / -b, --amp and --torchcompile set what --backbone, --batch-sizes,
     --precision fp16 and --compile set."""
     from bench import runner
@@ -210,6 +210,7 @@ def test_timm_spellings_are_aliases(monkeypatch, capsys):
         seen["cfg"] = cfg
 
     monkeypatch.setattr(runner, "execute", fake_execute)
+    monkeypatch.chdir(tmp_path)  # the default --reports folder is made here
     code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "--model", "deit_tiny_patch16_224",
                                "--batch-size", "4", "--amp", "--torchcompile")
     assert code == 0, stderr
@@ -283,8 +284,8 @@ def test_ctrl_c_during_the_report_of_a_complete_run(tmp_path, monkeypatch, capsy
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "write", interrupted)
-    code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "-q")
-    assert code == 130 and "Traceback" not in stderr
+    code, _, stderr = run_main(monkeypatch, capsys, "run", "--profile", "smoke", "--reports", str(tmp_path / "reports"), "-q")
+    assert code == 130 and "Traceback" not in stderr, stderr
     assert "is complete" in stderr and f"bench report {done.id}" in stderr and "--resume" not in stderr
 
 
@@ -374,3 +375,35 @@ def test_unwritable_reports_folder_is_found_before_the_run(tmp_path, monkeypatch
                                "--reports", str(blocker / "reports"), "-q")
     assert code == 2 and "reports folder" in stderr and "pass --reports" in stderr and "--out" not in stderr, stderr
     assert not (tmp_path / "results").exists()  # nothing was measured
+
+
+def test_sigterm_handler_stays_in_bench_and_out_of_its_children(monkeypatch, capsys):
+    """main() in-process leaves the caller's handlers as they were; a forked child (a DataLoader
+    worker) that inherited the handler still dies of SIGTERM, as its parent expects."""
+    import multiprocessing
+    import time
+
+    from bench import cli
+    from conftest import run_main
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    run_main(monkeypatch, capsys, "--version")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    monkeypatch.setattr(cli, "_main_pid", os.getpid())
+    fork = multiprocessing.get_context("fork")
+    ready = fork.Event()
+
+    def worker():
+        ready.set()  # past the fork's own signal set-up: a SIGTERM now reaches the inherited handler
+        time.sleep(60)
+
+    previous = signal.signal(signal.SIGTERM, cli._on_sigterm)
+    try:
+        child = fork.Process(target=worker)
+        child.start()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert ready.wait(60)
+    child.terminate()
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGTERM
