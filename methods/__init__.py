@@ -16,7 +16,7 @@ from .registry import Knob, MethodSpec, TrainData, available, build, get, regist
 from .trace import Trace
 
 # Method modules register themselves on import; optional ones are added here as they land.
-for _name in ("ats", "avit", "adavit"):
+for _name in ("ats", "avit", "adavit", "tome", "evit"):
     try:
         __import__(f"{__name__}.{_name}")
     except ModuleNotFoundError as _e:  # not written yet

@@ -37,7 +37,8 @@ class TracedViT(nn.Module):
 
     def tokens_entered(self, trace: Trace) -> torch.Tensor | None:
         """(B, depth, N) bool on the CPU: token n (prefix tokens first, original order) entered block
-        l in the forward ``trace`` records; summing over N gives ``trace.tokens``. None for a method
+        l in the forward ``trace`` records; summing over N gives ``trace.tokens`` (less any token
+        that stands for no single original one, EViT's fused token). None for a method
         whose trace has no per-token record. The dense model: every token, every block."""
         b, depth = trace.tokens.shape
         return torch.ones(b, depth, self.bench_shape.num_tokens, dtype=torch.bool)

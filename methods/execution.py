@@ -86,10 +86,25 @@ def attention_on_rows(attn: nn.Module, y: torch.Tensor, lay: Layout, product: Pr
     return attention_tail(attn, o, y)
 
 
-def block_on_rows(blk: nn.Module, x: torch.Tensor, lay: Layout, product: Product | None = None) -> torch.Tensor:
-    """A timm pre-LN ``Block`` on packed rows ``x`` (T, C) (compact execution)."""
+def block_on_rows(
+    blk: nn.Module, x: torch.Tensor, lay: Layout, product: Product | None = None, between: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """A timm pre-LN ``Block`` on packed rows ``x`` (T, C) (compact execution). ``between`` maps
+    the rows after the attention residual to the rows the MLP sees, for methods that reduce the
+    tokens inside a block (ToMe merges, EViT fuses)."""
     x = x + blk.drop_path1(blk.ls1(attention_on_rows(blk.attn, blk.norm1(x), lay, product)))
+    if between is not None:
+        x = between(x)
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def check_cls_pooling(vit: nn.Module, method: str) -> None:
+    """Refuse backbones without exactly one prefix token, the CLS token, read by the head: methods
+    that score tokens by the CLS attention row or never merge CLS need it."""
+    if getattr(vit, "cls_token", None) is None or vit.num_prefix_tokens != 1:
+        raise ValueError(f"{method} needs a ViT with exactly one prefix token, the CLS token; this model has {vit.num_prefix_tokens}")
+    if getattr(vit, "global_pool", "token") != "token" or getattr(vit, "attn_pool", None) is not None:
+        raise ValueError(f"{method} needs CLS-token pooling (global_pool='token'); this model pools by {vit.global_pool!r}")
 
 
 def masked_block(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -173,6 +188,7 @@ __all__ = [
     "attention_on_rows",
     "attention_tail",
     "block_on_rows",
+    "check_cls_pooling",
     "check_timm_blocks",
     "flat_rows",
     "masked_block",

@@ -76,6 +76,14 @@ class ViTShape:
             + linear(n_out, h, c)
         )
 
+    def reduced_block(self, n_attn: Count, n_mlp: Count) -> Count:
+        """A block whose tokens are reduced between attention and MLP (ToMe merges, EViT fuses,
+        docs/counting.md#closed-forms): LN1, qkv, both attention products and proj on ``n_attn``
+        tokens, LN2 and the MLP on ``n_mlp``."""
+        c, a, h = self.embed_dim, self.attn_dim, self.mlp_hidden
+        attention = layernorm(n_attn, c) + linear(n_attn, c, 3 * a) + attention_matmuls(n_attn, n_attn, a) + linear(n_attn, a, c)
+        return attention + layernorm(n_mlp, c) + linear(n_mlp, c, h) + linear(n_mlp, h, c)
+
     def final(self, n_final: Count) -> Count:
         """Final norm over the tokens left at the end, then pooling and the classifier."""
         norm = layernorm(n_final, self.embed_dim) if self.final_norm_is_ln else 0

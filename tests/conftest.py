@@ -63,3 +63,36 @@ min_seconds = 0.0
 timing_samples = {timing_samples}
 memory_iters = 1
 """
+
+
+def fvcore_gmacs_of(model, x) -> float:
+    """fvcore's GMACs of ``model`` on ``x`` (all samples together), with timm's fused attention
+    switched off so that fvcore sees both attention matmuls (docs/counting.md#what-fvcore-counts)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        fca = FlopCountAnalysis(model, x)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        return fca.total() / 1e9
+
+
+def sharpened_digits(std: float = 0.12, seed: int = 0):
+    """The digits ViT with random weights whose attention is sharpened (a fixed seed), so that
+    tokens score differently as in a trained model (timm's init scores them nearly the same)."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    vit = timm.create_model("digits_vit").eval()
+    with torch.no_grad():
+        for blk in vit.blocks:
+            blk.attn.qkv.weight.normal_(0, std)
+        vit.pos_embed.normal_(0, 1.0)
+    return vit

@@ -18,15 +18,7 @@ from bench import budgets
 from methods.ats import ATSConfig, policy_softmax, resolve_config, sample_tokens, token_scores
 from methods.execution import padded_layout, unpack
 
-
-def sharpened_digits(std: float = 0.12, seed: int = 0):
-    torch.manual_seed(seed)
-    vit = timm.create_model("digits_vit").eval()
-    with torch.no_grad():
-        for blk in vit.blocks:
-            blk.attn.qkv.weight.normal_(0, std)
-        vit.pos_embed.normal_(0, 1.0)
-    return vit
+from conftest import sharpened_digits
 
 
 @pytest.fixture(scope="module")
