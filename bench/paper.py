@@ -18,6 +18,8 @@ PAPER = {
     ("avit", "deit_small_patch16_224"): (78.8, 3.6, "A-ViT-S released small-10-75 (README)"),
     ("ats", "deit_small_patch16_224"): (79.13, 3.4, "DeiT-S + ATS off-the-shelf, released code (issue #2); fine-tuned paper: 79.7 / 2.9"),
     ("adavit", "deit_small_patch16_224"): (77.3, 2.3, "Ada-DeiT-S released (README)"),
+    ("tome", "deit_small_patch16_224"): (79.4, 2.7, "ToMe DeiT-S r=13 off the shelf (README)"),
+    ("evit", "deit_small_patch16_224"): (79.5, 3.0, "EViT-DeiT-S keep 0.7, fine-tuned (paper)"),
 }
 
 

@@ -15,8 +15,10 @@ from .macs import ViTShape, vit_shape
 from .registry import Knob, MethodSpec, TrainData, available, build, get, register
 from .trace import Trace
 
-# Method modules register themselves on import; optional ones are added here as they land.
-for _name in ("ats", "avit", "adavit", "tome", "evit"):
+# Method modules register themselves on import, in this order (the order `bench list methods` and
+# reports use); a new method is its file plus its name here.
+METHOD_MODULES = ("ats", "avit", "adavit", "tome", "evit")
+for _name in METHOD_MODULES:
     try:
         __import__(f"{__name__}.{_name}")
     except ModuleNotFoundError as _e:  # not written yet

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import Layout, sdpa
 from .base import TracedViT, adapt
-from .execution import block_on_rows, check_cls_pooling, check_timm_blocks
+from .execution import block_on_rows, check_cls_pooling, check_timm_blocks, record_reduction
 from .knobs import int_list, knob_error
 from .registry import Knob, MethodSpec, register
 
@@ -124,19 +124,8 @@ class EViT(TracedViT):
             between = (lambda t: state.reorganise(t, b, keep, fuse)) if rank else None
             rows = block_on_rows(blk, rows, Layout(b, n), product, between)
         logits = self.forward_head(self.norm(rows.view(b, -1, c)))
-        self._record(b, tokens, rows.shape[0] // b, tuple(entered))
+        record_reduction(self, b, tokens, rows.shape[0] // b, kept_index=tuple(entered))
         return logits
-
-    def _record(self, b: int, tokens: list[int], n_final: int, entered: tuple[torch.Tensor, ...]) -> None:
-        shape = self.bench_shape
-        t_out = tokens[1:] + [n_final]
-        macs = shape.embed_macs + shape.final(n_final) + sum(shape.reduced_block(n, m) for n, m in zip(tokens, t_out))
-        self.record(
-            torch.tensor([tokens] * b),
-            gmacs=torch.full((b,), macs / 1e9, dtype=torch.float64),
-            tokens_kept=torch.tensor([t_out] * b),
-            kept_index=entered,
-        )
 
     def tokens_entered(self, trace) -> torch.Tensor:
         """Original tokens entering each block; fused tokens stand for no single patch and are left

@@ -137,6 +137,19 @@ def tokens_from_depths(depths: torch.Tensor, depth: int) -> torch.Tensor:
     return (depths.unsqueeze(-1) > levels).sum(dim=1)
 
 
+def record_reduction(model: nn.Module, batch: int, tokens: list[int], n_final: int, extra_macs: Callable[[int, int], int] | None = None, **extras) -> None:
+    """The trace of a forward in which every sample keeps the same count (ToMe, EViT): ``tokens``
+    entering each block, ``n_final`` left at the end. Each block counts attention on the tokens it
+    receives and its MLP on those it passes on (``ViTShape.reduced_block``), plus ``extra_macs(n_in,
+    n_out)`` the method spends deciding; the final norm runs on every token left."""
+    shape = model.bench_shape
+    t_out = tokens[1:] + [n_final]
+    macs = shape.embed_macs + shape.final(n_final)
+    macs += sum(shape.reduced_block(n, m) + (extra_macs(n, m) if extra_macs else 0) for n, m in zip(tokens, t_out))
+    model.record(torch.tensor([tokens] * batch), gmacs=torch.full((batch,), macs / 1e9, dtype=torch.float64),
+                 tokens_kept=torch.tensor([t_out] * batch), **extras)
+
+
 @dataclass(frozen=True)
 class BlockTable:
     """GMACs of one block for 0..N tokens and of everything outside the blocks: the closed form of
@@ -193,6 +206,7 @@ __all__ = [
     "flat_rows",
     "masked_block",
     "padded_layout",
+    "record_reduction",
     "take_rows",
     "unpack",
 ]

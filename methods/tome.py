@@ -16,13 +16,14 @@ explicitly (q k^T + log size, softmax, @ v) as the released code must to add the
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .base import TracedViT, adapt
-from .execution import block_on_rows, check_cls_pooling, check_timm_blocks
+from .execution import block_on_rows, check_cls_pooling, check_timm_blocks, record_reduction
 from .attention import Layout, sdpa
 from .registry import Knob, MethodSpec, register
 
@@ -137,21 +138,9 @@ class ToMeViT(TracedViT):
             product = lambda q, k, v, lay, attn=blk.attn: state.product(q, k, v, lay, attn)  # noqa: E731
             rows = block_on_rows(blk, rows, Layout(b, n), product, lambda t, r=r: state.merge(t, r, b))
         logits = self.forward_head(self.norm(rows.view(b, -1, c)))
-        self._record(b, tokens, rows.shape[0] // b, tuple(entered))
+        head_dim = self.bench_shape.attn_dim // self.bench_shape.num_heads
+        record_reduction(self, b, tokens, rows.shape[0] // b, partial(matching_macs, head_dim=head_dim), merged_index=tuple(entered))
         return logits
-
-    def _record(self, b: int, tokens: list[int], n_final: int, entered: tuple[torch.Tensor, ...]) -> None:
-        shape = self.bench_shape
-        t_out = tokens[1:] + [n_final]
-        head_dim = shape.attn_dim // shape.num_heads
-        macs = shape.embed_macs + shape.final(n_final)  # the final norm runs on every token left
-        macs += sum(shape.reduced_block(n, m) + matching_macs(n, m, head_dim) for n, m in zip(tokens, t_out))
-        self.record(
-            torch.tensor([tokens] * b),
-            gmacs=torch.full((b,), macs / 1e9, dtype=torch.float64),
-            tokens_kept=torch.tensor([t_out] * b),
-            merged_index=entered,
-        )
 
     def tokens_entered(self, trace) -> torch.Tensor:
         """A merged token counts as its representative's (the B token the others merged into)."""
