@@ -122,6 +122,7 @@ def _finish(result, reports: Path, write_report: bool = True) -> None:
     from . import report as report_mod
 
     records = result.records()
+    _verdict(result)
     _summary(records, result)
     _paper_table(records, result)
     skipped = result.manifest().get("dataset", {}).get("skipped_corrupt")
@@ -187,6 +188,21 @@ def _summary(records: list[dict], run) -> None:
             row.append(f"{hit['latency_ms_p90'].iloc[0]:.2f}" if len(hit) else "-")
         table.add_row(*row)
     console.print(table)
+
+
+def _verdict(run) -> None:
+    """The answer first: each method at each matched compute point (bench/verdict.py)."""
+    from . import verdict
+
+    table, records = verdict.of_run(run)
+    if table.empty:
+        return
+    out = Table(title=f"verdict at matched compute: {verdict.header(records)}")
+    for col in verdict.columns(table):
+        out.add_column(col, justify="left" if col in ("method", "budget", "") else "right")
+    for row in verdict.cells(table):
+        out.add_row(*row)
+    console.print(out)
 
 
 def _paper_table(records: list[dict], run) -> None:
@@ -341,8 +357,7 @@ def list_(
         t.add_column("knobs")
         for s in methods_pkg.available():
             bl = budgets_mod.for_method(s.id, {k: list(v) for k, v in p.get("budgets", {}).items()})
-            t.add_row(s.id, ", ".join(budgets_mod.label(b) for b in bl),
-                      "; ".join(str(budgets_mod.parse(s.id, b) or "defaults") for b in bl))
+            t.add_row(s.id, ", ".join(budgets_mod.label(b) for b in bl), "; ".join(budgets_mod.describe(s.id, b) for b in bl))
         console.print(t)
 
 

@@ -58,7 +58,12 @@ NOTES = ("gmacs: multiply-accumulates per sample (fvcore convention, mean over t
 
 
 def markdown(df: pd.DataFrame, runs: list[Run]) -> str:
+    from . import verdict
+
     lines = ["# bench leaderboard", ""]
+    for run in runs:  # the answer first
+        section = verdict.markdown(*verdict.of_run(run))
+        lines += [section] if section else []
     lines += [f"- {line}" for line in run_lines(runs)]
     lines += ["", NOTES, ""]
     show = df.copy()

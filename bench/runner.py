@@ -20,7 +20,7 @@ from methods.convert import CheckpointError, load_checkpoint
 from methods.convert import implied_budgets, load_strict
 
 from . import budgets as budgets_mod
-from . import cache, datasets, kernels, measure, parallel, tokenmap
+from . import cache, calibrate, datasets, kernels, measure, parallel, tokenmap
 from .config import RunConfig, check_values
 from .devices import device_name, resolve_device
 from .errors import UsageError, warn
@@ -60,9 +60,9 @@ def validate(cfg: RunConfig) -> tuple[list[str], list[torch.device]]:
             raise UsageError(f"unknown precision '{p}'; use one of {', '.join(measure.PRECISIONS)}")
     check_values(cfg)
     for m, given in cfg.budgets.items():
-        if m not in [s.id for s in methods.available()]:
+        if m not in [s.id for s in methods.available()] + [budgets_mod.ALL]:
             raise UsageError(f"budgets given for unknown method '{m}'; known: {', '.join(s.id for s in methods.available())}")
-        if not given:
+        if not given and m != budgets_mod.ALL:  # `all = []` opts a profile out of its parent's shared budgets
             raise UsageError(f"{cfg.config_path}: budgets.{m} is empty; list at least one budget (e.g. [\"full\"]) or drop the key")
     for m in method_ids:  # parse every budget now, so a typo fails before any work
         for b in budgets_mod.for_method(m, cfg.budgets):
@@ -229,6 +229,7 @@ class Group:
     device: torch.device
     precision: str
     label: str | None = None  # the cells' device when run on a worker of a --devices pool (its kind)
+    target: float | None = None  # a gmacs:R budget: the share of dense GMACs the knobs are calibrated to
 
     def identity(self, batch_size: int) -> dict:
         return {"method": self.method, "budget": self.budget, "mode": self.mode, "device": self.label or str(self.device),
@@ -245,7 +246,11 @@ def plan(cfg: RunConfig, method_ids: list[str], devices: list[torch.device]) -> 
                 if mode not in spec.modes:
                     raise UsageError(f"method '{m}' has no mode '{mode}'; modes: {', '.join(spec.modes)}")
                 for b in budgets_mod.for_method(m, cfg.budgets):
-                    groups.append(Group(m, budgets_mod.label(b), budgets_mod.parse(m, b), mode, dev, prec))
+                    target = budgets_mod.target(b)
+                    knobs = budgets_mod.parse(m, b)
+                    if target is not None and spec.matched.train_from_target is not None:
+                        knobs = {**spec.matched.train_from_target(target), **knobs}
+                    groups.append(Group(m, budgets_mod.label(b), knobs, mode, dev, prec, target=target))
     return groups
 
 
@@ -456,7 +461,7 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
         if not todo:
             continue
         spec = methods.get(g.method)
-        model, method_info = _group_model(cfg, g, spec, vit, backbone_info, reporter)
+        model, method_info = _group_model(cfg, g, spec, vit, backbone_info, reporter, evalset)
         reference = _dense_reference(cfg, g, vit, references)
         name = f"{g.method} {g.budget}"
         with kernels.attention_context(cfg.attention):
@@ -495,13 +500,41 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
 
 
 def _group_model(cfg: RunConfig, g: Group, spec: methods.MethodSpec, vit: nn.Module, backbone_info: dict,
-                 reporter: Reporter) -> tuple[nn.Module, dict]:
-    """The group's model with its (fine-tuned) weights, on its device, ready to run."""
+                 reporter: Reporter, evalset: datasets.EvalSet) -> tuple[nn.Module, dict]:
+    """The group's model with its (fine-tuned) weights, on its device, ready to run; a gmacs:R
+    group's knob is calibrated first (``g.knobs`` then holds the value found)."""
     state, method_info = method_weights(cfg, spec, vit, g.knobs, backbone_info, reporter)
-    model = methods.build(g.method, vit, mode=g.mode, **g.knobs)
-    if state is not None:
-        load_strict(model, state, method_info.get("method_checkpoint", spec.id))
-    return _runnable(kernels.set_attention(model.to(g.device).eval(), cfg.attention), cfg), method_info
+
+    def build(knobs: dict) -> nn.Module:
+        model = methods.build(g.method, vit, mode=g.mode, **knobs)
+        if state is not None:
+            load_strict(model, state, method_info.get("method_checkpoint", spec.id))
+        return model.to(g.device).eval()
+
+    if g.target is not None:
+        batches, split = calibration_batches(cfg, evalset, g.device)
+        cal = calibrate.calibrate(build, spec, g.knobs, g.target, batches, methods.vit_shape(vit).dense_gmacs(), split)
+        g.knobs = {**g.knobs, cal.knob: cal.value}
+        method_info = {**method_info, **cal.fields()}
+        note = "" if cal.matched else f" [yellow](outside +-{calibrate.TOLERANCE:.0%}: the knob's range ends there)[/]"
+        reporter.print(f"{g.method} {g.budget}: {cal.knob} = {cal.value:.4g} gives {cal.ratio:.3f} of dense GMACs on {split}{note}")
+    return _runnable(kernels.set_attention(build(g.knobs), cfg.attention), cfg), method_info
+
+
+def calibration_batches(cfg: RunConfig, evalset: datasets.EvalSet, device: torch.device, n: int = 512) -> tuple[list[torch.Tensor], str]:
+    """Inputs a compute target is matched on: the validation split of an embedded data set, else
+    seeded samples of the evaluation data (there is no other split on disk)."""
+    if datasets.is_embedded(cfg):
+        val = method_train_data(cfg, device, 256).val_batches()
+        batches, seen = [], 0
+        for x, _ in val:
+            batches.append(x[: n - seen])
+            seen += len(batches[-1])
+            if seen >= n:
+                break
+        return batches, "validation split"
+    x = evalset.timing_inputs(16, cfg.seed + 1).to(device)  # few: a real-size forward is costly
+    return list(x.split(8)), "evaluation samples (no validation split)"
 
 
 def _dense_reference(cfg: RunConfig, g: Group, vit: nn.Module, references: dict) -> nn.Module | None:

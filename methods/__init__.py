@@ -12,7 +12,7 @@ from . import dense  # noqa: F401  (registers `deit`)
 from .base import TracedViT, trace
 from .dense import DENSE
 from .macs import ViTShape, vit_shape
-from .registry import Knob, MethodSpec, TrainData, available, build, get, register
+from .registry import Knob, MatchedCompute, MethodSpec, TrainData, available, build, get, register
 from .trace import Trace
 
 # Method modules register themselves on import, in this order (the order `bench list methods` and
@@ -28,6 +28,7 @@ for _name in METHOD_MODULES:
 __all__ = [
     "DENSE",
     "Knob",
+    "MatchedCompute",
     "MethodSpec",
     "Trace",
     "TrainData",

@@ -26,7 +26,7 @@ from torch import nn
 from .heads import attention_with_heads, head_union, mlp_with_heads
 from .macs import official_block_macs, official_table_entry, official_table_tokens  # noqa: F401 (public here too)
 from .base import TracedViT, adapt
-from .registry import Knob, MethodSpec, TrainData, register
+from .registry import Knob, MatchedCompute, MethodSpec, TrainData, register
 from .training import Recipe, fit, timed, validate
 
 HEAD_VARIANTS = ("zero_channels", "identity_attn")
@@ -511,6 +511,8 @@ SPEC = register(
         ),
         modes=("compact", "reference"),
         primary_knob="target",
+        # fine-tuned towards the target usage, then the patch gate's threshold puts it on the target
+        matched=MatchedCompute("patch_threshold", 0.02, 0.98, increasing=False, train_from_target=lambda t: {"target": round(t, 4)}),
         default_budgets=("0.9", "0.7", "0.5"),
         train=train,
         train_knobs=("target", "patch_target", "head_target", "block_target", "head_variant"),

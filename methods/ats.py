@@ -27,7 +27,7 @@ from .base import TracedViT, adapt
 from .execution import attention_tail, block_on_rows, flat_rows, padded_layout, take_rows, unpack
 from .knobs import int_list, knob_error
 from .macs import sampled_gmacs
-from .registry import Knob, MethodSpec, register
+from .registry import Knob, MatchedCompute, MethodSpec, register
 
 EPS = 1e-6  # the policy-aware softmax's eps (docs/methods/ats.md#policy-aware-softmax)
 MIN_TOKENS = 2  # CLS + one patch token
@@ -575,6 +575,7 @@ SPEC = register(
         ),
         modes=("compact", "reference"),
         primary_knob="keep",
+        matched=MatchedCompute("keep", 0.035, 1.0),  # keep >= 2 tokens on 65 (digits) and 197 (DeiT) tokens
         # keep ratios (1.0 = the released configuration) at the default stages, then stage placement:
         # on a model with peaky CLS attention (the trained digits ViT) the released mode already keeps
         # few tokens, so where the stages start moves the compute more than K does (digits test list:

@@ -29,7 +29,7 @@ from .attention import Layout, packed_layout
 from .base import TracedViT, adapt
 from .execution import block_on_rows, block_table, check_timm_blocks, masked_block, tokens_from_depths
 from .training import Recipe, fit, timed, validate
-from .registry import Knob, MethodSpec, register
+from .registry import Knob, MatchedCompute, MethodSpec, register
 
 EPS = 0.01  # docs/methods/avit.md#halting: hard-coded in the official code
 DEFER_SHARE = 1 / 16  # compact: halted rows kept in place (masked) while at most this share of the batch's rows
@@ -544,6 +544,7 @@ SPEC = register(
         knobs=KNOBS,
         modes=("compact", "reference"),
         primary_knob="gate_center",
+        matched=MatchedCompute("gate_center", -20.0, 80.0),  # the inference gate of one fine-tune
         default_budgets=("12", "15", "20", "30"),
         train=train,
         train_knobs=("gate_scale", "train_gate_center", "eps", "prior", "target_depth", "prior_std", "official_prior_quirk"),

@@ -24,7 +24,7 @@ from .attention import Layout, sdpa
 from .base import TracedViT, adapt
 from .execution import block_on_rows, check_cls_pooling, check_timm_blocks, record_reduction
 from .knobs import int_list, knob_error
-from .registry import Knob, MethodSpec, register
+from .registry import Knob, MatchedCompute, MethodSpec, register
 
 RELEASED_BLOCKS = (3, 6, 9)  # 0-based reduction blocks of the released 12-block configuration
 
@@ -162,6 +162,7 @@ SPEC = register(
         ),
         modes=("compact", "reference"),
         primary_knob="keep",
+        matched=MatchedCompute("keep", 0.02, 1.0),
         default_budgets=("0.9", "0.7", "0.5"),
         extras={
             "tokens_kept": "(B, depth) tokens leaving each block (a reduction block's kept tokens plus the fused token)",

@@ -23,6 +23,20 @@ class Knob:
 
 
 @dataclass(frozen=True)
+class MatchedCompute:
+    """How the harness puts a method at a target share of the dense model's GMACs (a
+    ``gmacs:0.7`` budget): it searches the inference ``knob`` in [``low``, ``high``] (compute
+    grows with the knob when ``increasing``) and, for a method that trains, sets the training
+    knobs ``train_from_target(target)`` first (docs/measurement.md#matched-compute)."""
+
+    knob: str
+    low: float
+    high: float
+    increasing: bool = True
+    train_from_target: Callable[[float], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     id: str
     paper: str
@@ -41,6 +55,7 @@ class MethodSpec:
     train_knobs: tuple[str, ...] = ()  # knobs whose value changes the trained weights
     train_settings: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in bench.toml
     extras: dict[str, str] = field(default_factory=dict)  # trace fields the method adds -> meaning
+    matched: MatchedCompute | None = None  # how to reach a target GMACs ratio; None: no budget knob
 
     def knob(self, name: str) -> Knob:
         for k in self.knobs:

@@ -25,12 +25,15 @@ from torch import nn
 from .base import TracedViT, adapt
 from .execution import block_on_rows, check_cls_pooling, check_timm_blocks, record_reduction
 from .attention import Layout, sdpa
-from .registry import Knob, MethodSpec, register
+from .registry import Knob, MatchedCompute, MethodSpec, register
 
 
-def merge_schedule(depth: int, r: int, inflect: float = 0.0) -> list[int]:
-    """Tokens to merge in each block: ``r`` everywhere (inflect 0), or a linear ramp with the same
+def merge_schedule(depth: int, r: float, inflect: float = 0.0) -> list[int]:
+    """Tokens to merge in each block: ``r`` everywhere (inflect 0; a fractional r alternates
+    floor and ceil so that the first l blocks merge floor(r * l)), or a linear ramp with the same
     total from 2r down to 0 (inflect -1, decreasing) or 0 up to 2r (+1); docs/methods/tome.md#schedule."""
+    if inflect == 0.0:
+        return [math.floor(r * (i + 1) + 1e-9) - math.floor(r * i + 1e-9) for i in range(depth)]
     low = int(r * (1.0 - inflect))
     high = 2 * r - low
     step = (high - low) / max(1, depth - 1)
@@ -128,7 +131,7 @@ class ToMeViT(TracedViT):
         x = self.embed_tokens(img)
         b, n, c = x.shape
         state = _Merging(b, n, x.device, bool(knobs["proportional"]), self.bench_mode == "reference", self.num_prefix_tokens == 1)
-        schedule = merge_schedule(len(self.blocks), int(knobs["r"]), float(knobs["inflect"]))
+        schedule = merge_schedule(len(self.blocks), float(knobs["r"]), float(knobs["inflect"]))
         rows = x.reshape(b * n, c)
         tokens, entered = [], []
         for blk, r in zip(self.blocks, schedule):
@@ -157,7 +160,7 @@ def matching_macs(n_in: int, n_out: int, head_dim: int) -> int:
     return (n_in + 1) // 2 * (n_in // 2) * head_dim if n_out < n_in else 0
 
 
-def _build(vit: nn.Module, mode: str, r: int = 0, inflect: float = 0.0, proportional: bool = True) -> nn.Module:
+def _build(vit: nn.Module, mode: str, r: float = 0.0, inflect: float = 0.0, proportional: bool = True) -> nn.Module:
     check_timm_blocks(vit, "tome")
     if vit.num_prefix_tokens == 1:
         check_cls_pooling(vit, "tome")
@@ -178,12 +181,14 @@ SPEC = register(
         summary="training-free bipartite merging of similar tokens, r per block, size-weighted, proportional attention",
         build=_build,
         knobs=(
-            Knob("r", int, 0, "tokens merged per block (at most half of the non-CLS tokens of a block); 0 = dense"),
+            Knob("r", float, 0.0, "tokens merged per block (at most half of the non-CLS tokens of a block; a fraction "
+                 "alternates floor and ceil); 0 = dense"),
             Knob("inflect", float, 0.0, "schedule: 0 = r in every block, -1 = decreasing from 2r to 0, 1 = increasing"),
             Knob("proportional", bool, True, "proportional attention: add log(token size) to the attention logits"),
         ),
         modes=("compact", "reference"),
         primary_knob="r",
+        matched=MatchedCompute("r", 0.0, 100.0, increasing=False),
         default_budgets=("4", "6", "8", "r:8+inflect:-1"),
         extras={
             "tokens_kept": "(B, depth) tokens leaving each block after merging",
