@@ -39,7 +39,7 @@ class Calibration:
 
     def fields(self) -> dict:
         """The record columns (docs/records.md)."""
-        return {"gmacs_target": self.target, "calibrated_knob": self.knob, "calibrated_value": round(self.value, 6),
+        return {"gmacs_target": self.target, "calibrated_knob": self.knob, "calibrated_value": self.value,
                 "calibration_ratio": round(self.ratio, 6), "gmacs_residual": round(self.residual, 6),
                 "gmacs_matched": self.matched, "calibration_split": self.split}
 
@@ -65,7 +65,9 @@ def search(ratio_at: Callable[[float], float], spec: methods.MatchedCompute, tar
         best = min(tried, key=lambda v: abs(tried[v] - target))
         if abs(tried[best] / target - 1.0) <= STOP:
             break
-        mid = (lo + hi) / 2
+        mid = float(f"{(lo + hi) / 2:.6g}")  # a knob value that prints as it is stored
+        if mid in tried:
+            break
         tried[mid] = ratio_at(mid)
         if (tried[mid] < target) == spec.increasing:
             lo = mid

@@ -521,7 +521,7 @@ def _group_model(cfg: RunConfig, g: Group, spec: methods.MethodSpec, vit: nn.Mod
     return _runnable(kernels.set_attention(build(g.knobs), cfg.attention), cfg), method_info
 
 
-def calibration_batches(cfg: RunConfig, evalset: datasets.EvalSet, device: torch.device, n: int = 512) -> tuple[list[torch.Tensor], str]:
+def calibration_batches(cfg: RunConfig, evalset: datasets.EvalSet, device: torch.device, n: int = 256) -> tuple[list[torch.Tensor], str]:
     """Inputs a compute target is matched on: the validation split of an embedded data set, else
     seeded samples of the evaluation data (there is no other split on disk)."""
     if datasets.is_embedded(cfg):
