@@ -89,11 +89,13 @@ PINNED = ("run", "method", "budget")  # what names a row stays in view when the 
 
 
 def split_constants(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """(the columns that vary, {column: value} of those with one value in every row): constants are
-    said once above the table instead of repeated in every row."""
+    """(the columns that vary, pinned ones first; {column: value} of those with one value in every
+    row): constants are said once above the table instead of repeated in every row."""
     constant = {c: df[c].iloc[0] for c in df.columns
                 if c not in PINNED and len(df) > 1 and df[c].map(repr).nunique() == 1}
-    return df.drop(columns=list(constant)), constant
+    varying = df.drop(columns=list(constant))
+    first = [c for c in PINNED if c in varying.columns]  # pinned columns lead, so they can stick at the left
+    return varying[first + [c for c in varying.columns if c not in first]], constant
 
 
 def _row(rec: dict, columns: list, pinned: list) -> str:

@@ -48,7 +48,7 @@ class Bar:
     def _flush(self) -> None:
         if self._log is not None and self._pending is not None:
             line = f"{self._label}: {self._pending}" if self._printed == 0 else f"  {self._pending}"
-            self._log.print(line, highlight=False, markup=False)
+            self._log.print(line, highlight=False, markup=False, soft_wrap=True)
             self._printed += 1
         self._pending = None
 
