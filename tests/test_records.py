@@ -110,3 +110,15 @@ def test_cpu_peak_memory_is_the_cells_own():
     weights = measure.weight_bytes(model) / 2**20
     assert weights <= before < weights + 100 and weights <= after < weights + 100
     assert abs(after - before) < 20, (before, after)  # the 500 MiB earlier work left in the heap do not count
+
+
+def test_a_recorded_checkpoint_name_is_found_in_the_cache(tmp_path, monkeypatch):
+    from bench import cache
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    cached = tmp_path / "cache" / "digits_vit-avit-0123456789abcdef.safetensors"
+    cached.write_bytes(b"x")
+    assert cache.locate(cached.name) == cached
+    assert cache.locate(str(cached)) == cached  # records before schema version 2 kept the absolute path
+    assert cache.locate("digits_vit-avit-missing.safetensors") is None and cache.locate(str(tmp_path / "gone")) is None
