@@ -43,6 +43,18 @@ def find(name: str, key: str) -> Path | None:
     return None
 
 
+def locate(name_or_path: str) -> Path | None:
+    """A checkpoint a record names: its file name in the cache or the shipped assets (records
+    written since schema version 2), or the absolute path older records kept."""
+    p = Path(name_or_path)
+    if p.is_absolute():
+        return p if p.is_file() else None
+    for folder in (cache_dir(), ASSETS):
+        if (folder / p.name).is_file():
+            return folder / p.name
+    return None
+
+
 def save(state: dict[str, torch.Tensor], name: str, key: str, meta: dict, folder: Path | None = None) -> Path:
     from safetensors.torch import save_file
 

@@ -169,7 +169,7 @@ def _summary(records: list[dict], run) -> None:
     fixed = ", ".join(f"{df[k].iloc[0]}" for k in ("device", "precision") if k not in varying)
     table = Table(title=f"run {run.id} ({fixed})" if fixed else f"run {run.id}")
     for col in ["method", "budget", *varying]:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a long budget wraps, never cut to `blocks:…`
     for col in ("top-1 % [95% CI]", "GMACs", "ratio"):
         table.add_column(col, justify="right")
     for bs in batch_sizes:
@@ -187,7 +187,17 @@ def _summary(records: list[dict], run) -> None:
             hit = g[g["batch_size"] == 1]
             row.append(f"{hit['latency_ms_p90'].iloc[0]:.2f}" if len(hit) else "-")
         table.add_row(*row)
-    console.print(table)
+    _print_table(table)
+
+
+def _print_table(table: Table) -> None:
+    """A rich table on a terminal; in a log one plain line per row (no wrapping at 80 columns)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    console.print(str(table.title), markup=False, highlight=False, soft_wrap=True)
+    for cells in [[c.header for c in table.columns], *zip(*(c.cells for c in table.columns))]:
+        console.print(" | ".join(str(c) for c in cells), markup=False, highlight=False, soft_wrap=True)
 
 
 def _verdict(run) -> None:

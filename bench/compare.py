@@ -30,6 +30,7 @@ import pandas as pd
 
 from methods import DENSE
 
+from . import cache
 from .errors import UsageError
 from .store import IDENTITY, MANIFEST, RECORDS, Run, replace_folder, staging_folder
 
@@ -341,10 +342,10 @@ def _copy_method_weights(run: Run, dest: Path) -> list[str]:
         src = rec.get("method_checkpoint")
         if not rec.get("finetuned") or not src:
             continue
-        path = Path(src)
-        if path.name == rec.get("checkpoint"):  # the user's checkpoint carried the method's weights
+        if Path(src).name == rec.get("checkpoint"):  # the user's checkpoint carried the method's weights
             continue
-        if path.suffix != ".safetensors" or not path.is_file() or path.name in names:
+        path = cache.locate(src)
+        if path is None or path.suffix != ".safetensors" or path.name in names:
             continue
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest / path.name)

@@ -17,10 +17,16 @@ STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto; max-width: 1500px;
        padding: 0 1em; color: #1d1d1f; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table.leaderboard { border-collapse: collapse; font-size: 12px; width: 100%; }
-.scroll { overflow-x: auto; }
-table.leaderboard th, table.leaderboard td { border: 1px solid #ddd; padding: 3px 6px; white-space: nowrap; }
-table.leaderboard th { background: #f0f2f5; cursor: pointer; position: sticky; top: 0; user-select: none; }
+table.leaderboard { border-collapse: separate; border-spacing: 0; font-size: 12px; }
+/* The table scrolls inside this box both ways, so the header sticks to the box's top and the
+   first columns to its left (a box that scrolls only sideways would stop the header sticking). */
+.scroll { overflow: auto; max-height: 80vh; border: 1px solid #ddd; }
+table.leaderboard th, table.leaderboard td { border-right: 1px solid #ddd; border-bottom: 1px solid #ddd; padding: 3px 6px;
+                                             white-space: nowrap; background: #fff; }
+table.leaderboard th { background: #f0f2f5; cursor: pointer; position: sticky; top: 0; z-index: 2; user-select: none; }
+table.leaderboard .pin { position: sticky; z-index: 1; box-shadow: inset -1px 0 #bbb; }
+table.leaderboard th.pin { z-index: 3; }
+.constants { font-size: 13px; } .constants code { background: #f0f2f5; padding: 0 3px; }
 table.leaderboard th[aria-sort="ascending"]::after { content: " \\25B2"; }
 table.leaderboard th[aria-sort="descending"]::after { content: " \\25BC"; }
 table.leaderboard td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -31,8 +37,17 @@ figcaption { font-size: 13px; color: #444; max-width: 1000px; }
 .runs li { font-size: 13px; margin: 2px 0; } code { font-size: 12px; }
 """
 
-# Click a header to sort by it; click again to reverse. Numbers sort as numbers (data-v holds the raw value).
+# Click a header to sort by it; click again to reverse. Numbers sort as numbers (data-v holds the raw value;
+# a budget's is its GMACs, so budgets sort by compute). Pinned columns sit where the ones before them end.
 SCRIPT = """
+document.querySelectorAll("table.leaderboard").forEach(function (table) {
+  var left = 0;
+  Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+    if (!th.classList.contains("pin")) { return; }
+    Array.prototype.forEach.call(table.rows, function (r) { r.cells[col].style.left = left + "px"; });
+    left += th.getBoundingClientRect().width;
+  });
+});
 document.querySelectorAll("table.leaderboard").forEach(function (table) {
   var heads = table.tHead.rows[0].cells;
   Array.prototype.forEach.call(heads, function (th, col) {
@@ -70,19 +85,49 @@ def _cell(value) -> tuple[str, str | None, bool]:
     return str(value), None, False
 
 
-def table(df: pd.DataFrame) -> str:
-    head = "".join(f"<th scope='col'>{html.escape(str(c))}</th>" for c in df.columns)
-    rows = []
-    for rec in df.to_dict(orient="records"):
-        cells = []
-        for c in df.columns:
-            text, sort_value, numeric = _cell(rec[c])
-            attrs = (f" class='num' data-v='{sort_value}'" if numeric else "")
-            cells.append(f"<td{attrs}>{html.escape(text)}</td>")
-        cls = " class='dense'" if rec.get("method") == DENSE else ""
-        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
+PINNED = ("run", "method", "budget")  # what names a row stays in view when the table is scrolled sideways
+
+
+def split_constants(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """(the columns that vary, pinned ones first; {column: value} of those with one value in every
+    row): constants are said once above the table instead of repeated in every row."""
+    constant = {c: df[c].iloc[0] for c in df.columns
+                if c not in PINNED and len(df) > 1 and df[c].map(repr).nunique() == 1}
+    varying = df.drop(columns=list(constant))
+    first = [c for c in PINNED if c in varying.columns]  # pinned columns lead, so they can stick at the left
+    return varying[first + [c for c in varying.columns if c not in first]], constant
+
+
+def _row(rec: dict, columns: list, pinned: list) -> str:
+    cells = []
+    for c in columns:
+        text, sort_value, numeric = _cell(rec[c])
+        if c == "budget" and "gmacs" in rec:  # budgets sort by the compute they give, not as text
+            sort_value = _cell(rec["gmacs"])[1]
+        classes = " ".join(k for k, on in (("num", numeric), ("pin", c in pinned)) if on)
+        attrs = (f" class='{classes}'" if classes else "") + (f" data-v='{sort_value}'" if sort_value is not None else "")
+        cells.append(f"<td{attrs}>{html.escape(text)}</td>")
+    cls = " class='dense'" if rec.get("method") == DENSE else ""
+    return f"<tr{cls}>{''.join(cells)}</tr>"
+
+
+def table(df: pd.DataFrame, gmacs: pd.Series | None = None) -> str:
+    """The leaderboard; ``gmacs`` (per row) gives the budget column its sort value when the table
+    itself has no gmacs column (it was constant)."""
+    columns = list(df.columns)
+    pinned = [c for c in columns if c in PINNED]
+    head = "".join(f"<th scope='col'{' class=pin' if c in pinned else ''}>{html.escape(str(c))}</th>" for c in columns)
+    records = df.to_dict(orient="records")
+    if gmacs is not None:
+        records = [{**r, "gmacs": g} for r, g in zip(records, gmacs)]
+    rows = "".join(_row(rec, columns, pinned) for rec in records)
     return (f"<div class='scroll'><table class='leaderboard' id='leaderboard'><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div>")
+            f"<tbody>{rows}</tbody></table></div>")
+
+
+def constants_list(constant: dict) -> str:
+    items = ", ".join(f"{html.escape(str(k))} <code>{html.escape(_cell(v)[0])}</code>" for k, v in constant.items())
+    return f"<p class='constants'>The same in every row: {items}.</p>" if constant else ""
 
 
 def figure(plot: Plot, page_dir: Path) -> str:
@@ -98,12 +143,14 @@ def figure(plot: Plot, page_dir: Path) -> str:
 def page(title: str, run_lines: list[str], notes: str, board: pd.DataFrame, plots: list[Plot], page_dir: Path) -> str:
     runs = "".join(f"<li>{line}</li>" for line in run_lines)
     figures = "".join(figure(p, page_dir) for p in plots)
+    varying, constant = split_constants(board)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><ul class='runs'>{runs}</ul>"
-        f"<h2>Leaderboard</h2><p>{html.escape(notes)} Click a column header to sort.</p>{table(board)}"
+        f"<h2>Leaderboard</h2><p>{html.escape(notes)} Click a column header to sort.</p>"
+        f"{constants_list(constant)}{table(varying, board.get('gmacs'))}"
         f"<h2>Plots</h2>{figures}"
         f"<script>{SCRIPT}</script></body></html>\n"
     )

@@ -238,23 +238,68 @@ def time_side_by_side(
     return out
 
 
-def _read_hwm_kb() -> int | None:
+def _read_status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (``VmHWM``: peak resident set, ``VmRSS``: now); None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         return None
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand memory freed by earlier work back to the OS (glibc ``malloc_trim``), so that the
+    resident set right before a cell holds what is live, and the cell's own allocations show as
+    growth over it (pages reused from the heap would otherwise not)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def _cpu_peak_mb(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str, iters: int) -> tuple[float, str]:
+    """CPU: the model's weights plus the peak growth of the resident set over a baseline taken right
+    before the forward passes (high-water mark reset there), so memory that earlier work in the
+    process left behind (fine-tuning, other cells) does not count (docs/measurement.md#memory)."""
+    _release_free_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
+        base = _read_status_kb("VmHWM")
+    except OSError:
+        base = None
+    for _ in range(iters):
+        with autocast(device, precision):
+            model(x)
+    peak = _read_status_kb("VmHWM")
+    if base is None or peak is None:  # not Linux: only the process's peak since it started is known
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss_since_start"
+    return (weight_bytes(model) + max(0, peak - base) * 1024) / 2**20, "cpu_weights_plus_rss_peak"
+
+
 @torch.inference_mode()
 def peak_memory_mb(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str, iters: int) -> tuple[float, str]:
-    """Peak memory while running ``model`` on ``x``.
+    """Peak memory of running ``model`` on ``x``, and how it was measured (the record's ``peak_mem_kind``).
 
-    CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``). CPU: the process's
-    peak resident set size after resetting the high-water mark (Linux ``/proc/self/clear_refs``),
-    i.e. everything the process holds, not just this model: compare rows from one run.
+    CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``), weights included.
+    CPU: ``_cpu_peak_mb``.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -264,17 +309,4 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor, device: torch.device, prec
                 model(x)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    kind = "cpu_peak_rss"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        kind = "cpu_peak_rss_since_start"
-    for _ in range(iters):
-        with autocast(device, precision):
-            model(x)
-    hwm = _read_hwm_kb()
-    if hwm is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss_since_start"
-    return hwm / 1024, kind
+    return _cpu_peak_mb(model, x, device, precision, iters)

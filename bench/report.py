@@ -29,12 +29,22 @@ def load(runs: list[Run]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def run_names(df: pd.DataFrame) -> pd.Series:
+    """Each row's run as a reader tells runs apart: the folder name, or the whole path where two
+    compared runs share a name (copies in two results folders)."""
+    names = df["_run"].map(lambda p: Path(p).name)
+    return names if names.nunique() == df["_run"].nunique() else df["_run"]
+
+
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in COLUMNS if c in df.columns]
     out = df[cols].copy()
+    if df["_run"].nunique() > 1:  # rows of two runs would look the same without it
+        out.insert(0, "run", run_names(df))
     order = {m: i for i, m in enumerate(dict.fromkeys(out["method"]))}
     out["_m"] = out["method"].map(order)
-    out = out.sort_values(["dataset", "device", "precision", "batch_size", "_m", "gmacs"], ascending=[True, True, True, True, True, False])
+    keys = [k for k in ("dataset", "device", "precision", "batch_size", "_m", "gmacs", "run") if k in out.columns]
+    out = out.sort_values(keys, ascending=[k != "gmacs" for k in keys], kind="stable")
     return out.drop(columns="_m").reset_index(drop=True)
 
 

@@ -20,9 +20,9 @@ from methods.convert import CheckpointError, load_checkpoint
 from methods.convert import implied_budgets, load_strict
 
 from . import budgets as budgets_mod
-from . import cache, calibrate, datasets, kernels, measure, parallel, tokenmap
+from . import cache, calibrate, datasets, kernels, measure, parallel, records, tokenmap
 from .config import RunConfig, check_values
-from .devices import device_name, resolve_device
+from .devices import device_name, machine_info, resolve_device
 from .errors import UsageError, warn
 from .progress import Reporter
 from .store import Run, cell_key
@@ -181,20 +181,23 @@ def method_train_data(cfg: RunConfig, device: torch.device, batch_size: int) -> 
     return methods.TrainData(batches=batches, steps_per_epoch=steps, val_batches=val_batches, num_classes=10)
 
 
+NOT_FINETUNED = {"finetuned": False, "method_checkpoint": "", "method_checkpoint_sha256": ""}
+
+
 def method_weights(
     cfg: RunConfig, spec: methods.MethodSpec, vit: nn.Module, knobs: dict, backbone_info: dict, reporter: Reporter
 ) -> tuple[dict | None, dict]:
     """Fine-tuned state dict for methods that train (cached like the backbone), else None."""
     given = backbone_info.get("_method_states", {}).get(spec.id)
     if given:  # the checkpoint carries this method's own parameters (official AdaViT: its gates)
-        return {**vit.state_dict(), **given}, {"finetuned": True, "method_checkpoint": backbone_info["checkpoint"]}
+        return {**vit.state_dict(), **given}, _method_checkpoint(Path(backbone_info["checkpoint"]), backbone_info["checkpoint_sha256"])
     if spec.train is None:
-        return None, {}
+        return None, dict(NOT_FINETUNED)
     settings = dict(spec.train_settings)
     train_knobs = {k: knobs.get(k, spec.knob(k).default) for k in spec.train_knobs}
     if not datasets.is_embedded(cfg) or cfg.checkpoint:
         reporter.print(f"[yellow]{spec.id}: fine-tuning runs only on the embedded default here; evaluating without it")
-        return None, {"finetuned": False}
+        return None, dict(NOT_FINETUNED)
     key_obj = {"backbone": backbone_info.get("checkpoint_key", backbone_info.get("checkpoint_sha256")), "method": spec.id,
                "train_knobs": train_knobs, "settings": settings}
     key = cache.config_key(key_obj)
@@ -211,7 +214,13 @@ def method_weights(
         reporter.print(f"{spec.id}: fine-tuned {shown}; saved {path}", markup=False)
     from safetensors.torch import load_file
 
-    return load_file(str(path)), {"finetuned": True, "method_checkpoint": str(path), "method_checkpoint_sha256": cache.file_sha256(path)}
+    return load_file(str(path)), {**_method_checkpoint(path, cache.file_sha256(path)), "_path": str(path)}
+
+
+def _method_checkpoint(path: Path, sha256: str) -> dict:
+    """The record's fine-tuned-weights columns: the file's name and hash, not a path into a home
+    folder (``bench.cache.locate`` finds a cached file by its name)."""
+    return {"finetuned": True, "method_checkpoint": path.name, "method_checkpoint_sha256": sha256}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +309,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("torch", "timm", "numpy", "pandas", "fvcore", "bench"):
+    for pkg in ("torch", "timm", "numpy", "pandas", "scikit-learn", "fvcore", "bench"):  # scikit-learn: the digits data
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -309,14 +318,36 @@ def versions() -> dict:
     return out
 
 
-def new_manifest(cfg: RunConfig, argv: list[str]) -> dict:
+def installed_packages() -> dict[str, str]:
+    """Every installed distribution and its version (importlib.metadata), to rebuild the environment."""
+    import importlib.metadata as md
+
+    found = {}
+    for dist in md.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found[name] = dist.version
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def default_budgets(cfg: RunConfig, method_ids: list[str]) -> dict[str, list[str]]:
+    """Budgets no profile or flag gave: the method's own defaults (methods/registry.py), which a
+    later version may change, so the manifest records them."""
+    return {m: [budgets_mod.label(b) for b in budgets_mod.for_method(m, {})] for m in method_ids if not cfg.budgets.get(m)}
+
+
+def new_manifest(cfg: RunConfig, argv: list[str], method_ids: list[str]) -> dict:
     return {
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "status": "running",
         "command": argv,
         "profile": cfg.profile,
         "config": cfg.to_dict(),
+        "default_budgets": default_budgets(cfg, method_ids),
+        "schema_version": records.SCHEMA_VERSION,
         "versions": versions(),
+        "machine": machine_info(),
+        "packages": installed_packages(),
         "git": git_commit(),
         "threads": torch.get_num_threads(),
         "seeds": {"run": cfg.seed, "train": train_config(cfg).seed, "data": datasets.embedded_config(cfg).seed},
@@ -390,7 +421,7 @@ def _prepare_and_measure(cfg: RunConfig, run: Run | None, method_ids: list[str],
             raise UsageError(f"run {run.id} was measured with checkpoint sha256 {recorded[:12]}, but "
                              f"{backbone_info.get('checkpoint')} has {backbone_info.get('checkpoint_sha256', '')[:12]}; start a new run")
     else:
-        run = Run.create(Path(cfg.out), cfg.profile, new_manifest(cfg, argv or sys.argv))
+        run = Run.create(Path(cfg.out), cfg.profile, new_manifest(cfg, argv or sys.argv, method_ids))
         held.enter_context(run.locked())
     manifest = run.manifest()
     manifest.update({k: v for k, v in backbone_info.items() if not k.startswith("_")})
@@ -456,10 +487,13 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
     if run is not None and overlay_cpu is not None:
         run.add_file(tokenmap.IMAGES_FILE, tokenmap.image_record(vit, overlay_cpu))
     setup = {"attention": cfg.attention, "compile": cfg.compile_backend if cfg.compile else "off"}
+    planned = len(groups) * len(cfg.batch_sizes)
+    number = sum(cell_key(g.identity(b)) in done for g in groups for b in cfg.batch_sizes)  # cells a resume keeps
     for g in groups:
         todo = parallel.broadcast([b for b in cfg.batch_sizes if cell_key(g.identity(b)) not in done], d)
         if not todo:
             continue
+        reporter.cell_started(number + 1, planned)
         spec = methods.get(g.method)
         model, method_info = _group_model(cfg, g, spec, vit, backbone_info, reporter, evalset)
         reference = _dense_reference(cfg, g, vit, references)
@@ -483,6 +517,8 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
                             if overlay_cpu is not None else None)
             inputs = timing_cpu.to(g.device)
             for bs in todo:
+                number += 1
+                reporter.cell_started(number, planned)
                 cell, ran, failed = kernels.with_backoff(
                     lambda b, m=model: _time_cell(cfg, g, m, reference, inputs, b, reporter, name), bs, g.device)
                 t, raw = cell if cell is not None else ({k: float("nan") for k in OOM_NAN}, {})
@@ -493,10 +529,16 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
                            "oom_backoff": failed, "eval_batch_size": eval_bs, "eval_oom_backoff": eval_failed}
                 record = _cell_record(cfg, g, bs, run, spec, backbone_info, method_info, evalset, model, summary, dense_gmacs,
                                       {**t, **setup, **_cap_fields(cfg, g.device), **outcome}, d)
-                if g.label:
-                    record["worker_device"] = str(g.device)
                 run.add_record(record, raw)
+                reporter.cell_done(cell_line(record))
         del model
+
+
+def cell_line(r: dict) -> str:
+    """The one line a finished cell prints (docs/records.md for the columns)."""
+    return (f"{r['method']} {r['budget']} {r['device']} {r['precision']} bs={r['batch_size']}: top-1 {r['top1']:.1f}%, "
+            f"{r['gmacs']:.4g} GMACs ({r['gmacs_ratio']:.2f} of dense), {r['img_per_s']:.4g} img/s, "
+            f"speedup {r['speedup']:.2f}x, p90 {r['latency_ms_p90']:.2f} ms, peak {r['peak_mem_mb']:.0f} MiB [{r['status']}]")
 
 
 def _group_model(cfg: RunConfig, g: Group, spec: methods.MethodSpec, vit: nn.Module, backbone_info: dict,
@@ -508,7 +550,7 @@ def _group_model(cfg: RunConfig, g: Group, spec: methods.MethodSpec, vit: nn.Mod
     def build(knobs: dict) -> nn.Module:
         model = methods.build(g.method, vit, mode=g.mode, **knobs)
         if state is not None:
-            load_strict(model, state, method_info.get("method_checkpoint", spec.id))
+            load_strict(model, state, method_info.get("_path", method_info.get("method_checkpoint", spec.id)))
         return model.to(g.device).eval()
 
     if g.target is not None:
@@ -552,7 +594,7 @@ def _cell_record(cfg: RunConfig, g: Group, bs: int, run: Run, spec: methods.Meth
                  evalset: datasets.EvalSet, model: nn.Module, summary: dict, dense_gmacs: float, measured: dict,
                  d: parallel.Dist) -> dict:
     """One cell's record (docs/records.md): what was measured and everything needed to reproduce it."""
-    return {
+    return records.make({
         **g.identity(bs),
         "run_id": run.id,
         "paper": spec.paper,
@@ -561,7 +603,7 @@ def _cell_record(cfg: RunConfig, g: Group, bs: int, run: Run, spec: methods.Meth
         "backbone": cfg.backbone,
         "checkpoint": Path(backbone_info.get("checkpoint", "")).name,
         "checkpoint_sha256": backbone_info.get("checkpoint_sha256", ""),
-        **method_info,
+        **{k: v for k, v in method_info.items() if not k.startswith("_")},
         "dataset": evalset.name,
         "device_name": device_name(g.device),
         "threads": torch.get_num_threads(),
@@ -572,7 +614,8 @@ def _cell_record(cfg: RunConfig, g: Group, bs: int, run: Run, spec: methods.Meth
         **measured,  # timing, setup, memory cap and the cell's outcome
         "eval_world_size": d.world,
         "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
+        **({"worker_device": str(g.device)} if g.label else {}),
+    })
 
 
 OOM_NAN = ("img_per_s", "speedup", "latency_ms_p50", "latency_ms_p90", "dense_img_per_s", "peak_mem_mb")

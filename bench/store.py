@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import glob
-import io
 import json
 import os
 import tempfile
@@ -257,12 +256,10 @@ class Run:
             return {k: f[k] for k in f.files}
 
     def dataframe(self):
-        import pandas as pd
+        """The records with their declared dtypes (bench/records.py): ids and budgets stay text."""
+        from .records import frame
 
-        good, _ = self._record_lines()
-        if not good:
-            return pd.DataFrame()
-        return pd.read_json(io.StringIO("\n".join(good)), lines=True, dtype=False)  # keep '2111.15667' and '0.50' as text
+        return frame(self._record_lines()[0])
 
 
 def _record_problem(line: str) -> str | None:

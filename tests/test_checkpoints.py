@@ -167,7 +167,8 @@ def test_run_with_an_official_adavit_checkpoint_uses_its_gates(tmp_path):
     torch.save({"state_dict_ema": official_adavit_layout(model)}, tmp_path / "ada.pth.tar")
     cfg.checkpoint = str(tmp_path / "ada.pth.tar")
     recs = {r["method"]: r for r in runner.execute(cfg, Reporter(quiet=True)).records()}
-    assert recs["adavit"]["finetuned"] is True and recs["adavit"]["method_checkpoint"] == cfg.checkpoint
+    assert recs["adavit"]["finetuned"] is True and recs["adavit"]["method_checkpoint"] == "ada.pth.tar"  # a name, not a path
+    assert recs["adavit"]["method_checkpoint_sha256"] == recs["adavit"]["checkpoint_sha256"]
     assert recs["adavit"]["tokens_per_block"] == [1.0] * len(vit.blocks)  # only CLS in every block
     assert recs["deit"]["gmacs_ratio"] == 1.0 and recs["adavit"]["gmacs_ratio"] < 0.2
 

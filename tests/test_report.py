@@ -142,8 +142,84 @@ def test_report_of_two_runs(run_dir, tmp_path):
     shutil.copytree(run_dir, other)
     folder = report.write([Run(run_dir), Run(other)], tmp_path / "rep")
     assert folder.name == f"{run_dir.name}+{other.name}"
-    assert len(pd.read_csv(folder / "leaderboard.csv")) == 12
+    csv = pd.read_csv(folder / "leaderboard.csv", dtype=str)
+    assert len(csv) == 12 and csv.columns[0] == "run"
+    assert sorted(csv["run"].value_counts().items()) == sorted([(run_dir.name, 6), (other.name, 6)])
+    table = (folder / "leaderboard.md").read_text().split("\n| run ", 1)[1]  # the Markdown table has the column too
+    assert table.count(f"| {other.name} ") == 6
     assert (folder / "report.html").is_file() and (folder / "plots" / "accuracy_vs_gmacs.svg").is_file()
+
+
+def _figures(df: pd.DataFrame, runs: list, folder: Path, monkeypatch) -> dict:
+    """Every figure draw_all makes, kept open (draw_all closes them once saved)."""
+    import matplotlib.pyplot as plt
+
+    kept = {}
+    real_save = plots._save
+    monkeypatch.setattr(plt, "close", lambda *_: None)
+
+    def keep(fig, folder, name, *args, **kwargs):
+        saved = real_save(fig, folder, name, *args, **kwargs)  # laid out and drawn as in the file
+        kept[name] = fig
+        return saved
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.draw_all(df, runs, folder)
+    return kept
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_plots_read_on_their_own(run_dir, tmp_path, monkeypatch):
+    """Titles name data set and backbone; legends lie over no axes; the dense model is a star; the
+    speedup legend has a title and the 1.0 line a label; budgets label the points; runs differ by
+    marker and line style while colours stay methods; compute_profile rows are in method order."""
+    other = tmp_path / "results" / "other"
+    shutil.copytree(run_dir, other)
+    runs = [Run(run_dir), Run(other)]
+    df = report.load(runs)
+    figs = _figures(df, runs, tmp_path / "plots", monkeypatch)
+    assert set(figs) == set(PLOTS)
+    for name, fig in figs.items():
+        assert "digits on digits_vit" in fig._suptitle.get_text(), name
+        for legend in [fig.legends[0]] if fig.legends else [ax.get_legend() for ax in fig.axes if ax.get_legend()]:
+            box = legend.get_window_extent()
+            assert not any(_overlaps(box, ax.get_window_extent()) for ax in fig.axes), name
+    gm = figs["accuracy_vs_gmacs"].axes[0]
+    styles = {line.get_label(): (line.get_marker(), line.get_linestyle(), line.get_color()) for line in gm.get_lines()}
+    first = {m: styles[f"{m} ({run_dir.name})"] for m in ("deit", "ats")}
+    assert first["deit"][0] == styles["deit (other)"][0] == "*"
+    assert first["ats"][0] != styles["ats (other)"][0] and first["ats"][1] != styles["ats (other)"][1]
+    assert first["ats"][2] == styles["ats (other)"][2] != first["deit"][2]  # colour: the method
+    assert {"0.25", "blocks:-2/-1"} <= {t.get_text() for t in gm.texts}
+    speed = figs["accuracy_vs_speed"].axes
+    assert any(line.get_marker() == "*" for line in speed[0].get_lines())
+    assert any(line.get_label() == "dense model" for line in speed[0].get_lines())
+    sp = figs["speedup_vs_gmacs"]
+    assert sp.axes[-1].get_legend().get_title().get_text() == "method, batch size"
+    assert "1.0: as fast as dense" in [t.get_text() for t in sp.axes[-1].get_legend().get_texts()]
+    assert [ax.get_title() for ax in sp.axes] == [f"{run_dir.name}: cpu fp32", "other: cpu fp32"]
+    rows = [t.get_text() for t in figs["compute_profile"].axes[1].get_yticklabels()]
+    assert rows == [f"deit ({run_dir.name}) full", "deit (other) full", f"ats ({run_dir.name}) blocks:-2/-1",
+                    "ats (other) blocks:-2/-1", f"ats ({run_dir.name}) 0.25", "ats (other) 0.25"]
+    overlay = figs["token_overlays"]
+    assert [ax.get_title() for ax in overlay.axes if ax.get_title().startswith("test image")] == [
+        f"test image {i}" for i in range(1, 7)]
+
+
+def test_overlay_colour_bar_shows_the_blended_colours():
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    fig, cax = plt.subplots()
+    plots._blended_colour_bar(fig, cax, 6)
+    strip = cax.get_images()[0].get_array()
+    pure = matplotlib.colormaps["magma"](np.arange(7) / 6)[:, :3]
+    a = plots.OVERLAY_ALPHA
+    assert np.allclose(strip[0], a * pure) and np.allclose(strip[1], a * pure + (1 - a))
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -202,7 +278,7 @@ def test_report_of_unfinished_run_is_an_error(run_dir, tmp_path):
 # the page in a real browser
 
 
-def _chromium():
+def _chromium(width: int = 1400, height: int = 3000):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not browser or not driver:
@@ -212,7 +288,7 @@ def _chromium():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,3000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
 
@@ -250,3 +326,43 @@ def test_html_renders_in_headless_chromium(report_dir, run_dir, tmp_path):
     assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
     # something was painted: not a blank page (plots and table have many distinct colours)
     assert len(np.unique(pixels.reshape(-1, pixels.shape[-1])[:, :3].round(2), axis=0)) > 50
+
+
+# Where the pinned cells and the header are, relative to the scroll box, after scrolling it.
+PLACES = """
+const box = document.querySelector('.scroll'), table = document.getElementById('leaderboard');
+box.scrollLeft = box.scrollWidth; box.scrollTop = arguments[0];
+const b = box.getBoundingClientRect(), row = table.tBodies[0].rows[arguments[1]];
+const cols = Array.from(table.tHead.rows[0].cells).map(c => c.textContent);
+const at = el => { const r = el.getBoundingClientRect(); return [r.left - b.left, r.top - b.top, r.width]; };
+return {cols: cols, method: at(row.cells[cols.indexOf('method')]), budget: at(row.cells[cols.indexOf('budget')]),
+        head: at(table.tHead.rows[0].cells[0]), wide: box.scrollWidth > box.clientWidth,
+        constants: document.querySelector('.constants') ? document.querySelector('.constants').textContent : ''};
+"""
+
+
+def test_html_table_pins_names_and_header_in_a_narrow_window(report_dir):
+    """At 800 px the table scrolls sideways: method and budget stay at the left edge and the header at
+    the top; the columns every row shares are said above the table; budgets sort by GMACs."""
+    browser = _chromium(800, 700)
+    try:
+        browser.get((report_dir / "report.html").resolve().as_uri())
+        rows = browser.execute_script("return document.querySelectorAll('#leaderboard tbody tr').length")
+        places = browser.execute_script(PLACES, 10_000, rows - 1)
+        assert places["wide"], "at 800 px the table should be wider than its box"
+        assert places["cols"][:2] == ["method", "budget"]
+        assert "dataset" not in places["cols"] and "backbone" not in places["cols"]
+        assert "dataset digits" in places["constants"] and "backbone digits_vit" in places["constants"]
+        method_left, _, method_width = places["method"]
+        assert abs(method_left) <= 2 and abs(places["budget"][0] - method_width) <= 2
+        assert abs(places["head"][1]) <= 2, places["head"]  # scrolled to the bottom, the header still at the top
+        col = places["cols"].index("budget")
+        header = browser.find_elements("css selector", "#leaderboard thead th")[col]
+        header.click()
+        read = ("return Array.from(document.querySelectorAll('#leaderboard tbody tr'))"
+                f".map(r => [r.cells[{col}].textContent, parseFloat(r.cells[{col}].getAttribute('data-v'))])")
+        order = browser.execute_script(read)
+        assert [v for _, v in order] == sorted(v for _, v in order)
+        assert [b for b, _ in order[:2]] == ["0.25", "0.25"] and [b for b, _ in order[-2:]] == ["full", "full"]
+    finally:
+        browser.quit()
