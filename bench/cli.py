@@ -270,6 +270,69 @@ def _write_markdown(path: Path, text: str) -> None:
         raise UsageError(f"--markdown {path} cannot be written ({e.strerror or e}); pass a writable path") from None
 
 
+@app.command()
+def flops(
+    methods_: Optional[str] = typer.Option(None, "--methods", "-m", help=METHODS_HELP),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (default: default)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5;avit=20'."),
+    samples: Optional[str] = typer.Option("4", "--samples", help="Test samples each counter counts alone; 'all': the papers' conventions averaged over the whole test list (with --counters paper)."),
+    counters: Optional[str] = typer.Option("all", "--counters", help="Comma list of fvcore, ptflops, paper (the papers' own conventions), or all; the closed form is always shown."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the test samples chosen."),
+    out: str = typer.Option("reports/flops", "--out", help="Folder for flops.md and flops.csv."),
+    config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """GMACs per sample as every counter counts them: closed form, fvcore, ptflops, the papers' conventions (docs/counting.md#every-counter)."""
+    from . import budgets as budgets_mod
+    from . import config as config_mod
+    from . import flops as flops_mod
+    from .store import atomic_write, ensure_writable
+
+    chosen = flops_mod.parse_counters(counters)
+    flops_mod.check_counters_installed(chosen)
+    count = _sample_count(samples, chosen)
+    flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint, seed=seed, device="cpu")
+    if budgets is not None:
+        flags["budgets"] = budgets_mod.parse_cli(budgets)
+    cfg = config_mod.resolve(profile or "default", config, **flags)
+    ensure_writable(Path(out), "--out", "flops folder")
+    results, about = flops_mod.measure(cfg, count, chosen, _reporter(quiet))
+    table = Table(title=f"GMACs per sample, {about['backbone']} on {about['dataset']} ({about['samples']} samples alone; conventions on {about['convention_samples']})")
+    for h in flops_mod.HEADERS:  # the counts never wrap or shorten: their last digits are the point
+        text = h in ("method", "budget", "papers' conventions")
+        table.add_column(h, justify="left" if text else "right", no_wrap=not text, overflow="fold")
+    for row in flops_mod.table_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    import pandas as pd
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "flops.md", flops_mod.markdown(results, about).encode())
+    atomic_write(folder / "flops.csv", pd.DataFrame(flops_mod.csv_rows(results)).to_csv(index=False).encode())
+    console.print(f"flops: {folder / 'flops.md'}", markup=False)
+
+
+def _sample_count(text: str | None, counters: tuple[str, ...]) -> int | None:
+    """--samples: a positive count, or 'all' (None) for the conventions alone."""
+    if text == "all":
+        if counters != ("paper",):
+            raise UsageError("--samples all averages the papers' conventions over the whole test list; pass --counters paper with it "
+                             "(fvcore and ptflops count a handful of samples, each alone)")
+        return None
+    try:
+        value = int(text or "")
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--samples '{text}' must be a positive integer or 'all'")
+    return value
+
+
 baseline_app = typer.Typer(no_args_is_help=True, help="Baselines that `bench compare` gates against (RESULTS/baselines/<profile>/).")
 app.add_typer(baseline_app, name="baseline")
 

@@ -191,3 +191,128 @@ class FlopsResult:
         if not pairs:
             return None
         return all(abs(a - b) <= TOLERANCE * max(abs(b), 1e-12) for a, b in pairs)
+
+
+def count_model(model: nn.Module, spec: methods.MethodSpec, budget: str, inputs: torch.Tensor, counters: tuple[str, ...],
+                convention_batches=None) -> FlopsResult:
+    """Every counter on each of ``inputs`` alone; the conventions on ``convention_batches``
+    (default: ``inputs`` as one batch)."""
+    from .kernels import set_attention
+
+    set_attention(model, "unfused")  # fvcore and ptflops cannot see timm's fused SDPA (docs/counting.md#what-fvcore-counts)
+    result = FlopsResult(spec.id, budget, notes={r.name: r.note for r in spec.counting.conventions})
+    per_sample = tuple(c for c in counters if c != "paper")
+    for i in range(inputs.shape[0]):
+        result.samples.append(count_sample(model, spec, inputs[i : i + 1], per_sample))
+    if "paper" in counters and spec.counting.conventions:
+        result.conventions = count_conventions(model, spec, convention_batches if convention_batches is not None else [inputs])
+    return result
+
+
+def parse_counters(text: str | None) -> tuple[str, ...]:
+    if not text or text == "all":
+        return COUNTERS
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in chosen if c not in COUNTERS]
+    if unknown or not chosen:
+        raise UsageError(f"unknown counter '{unknown[0] if unknown else text}'; use all or a comma list of {', '.join(COUNTERS)}")
+    return chosen
+
+
+def check_counters_installed(counters: tuple[str, ...]) -> None:
+    """fvcore is a dependency, ptflops a dev one: say which to install rather than fail later."""
+    import importlib.util
+
+    for name in ("fvcore", "ptflops"):
+        if name in counters and importlib.util.find_spec(name) is None:
+            raise UsageError(f"counter '{name}' is not installed: pip install {name} (or pass --counters without it)")
+
+
+# ----------------------------------------------------------------------------------------------
+# a profile's methods and budgets
+
+
+def _all_batches(evalset, sample_shape: tuple[int, ...], batch_size: int):
+    """The whole test list (``--samples all``), one view per model input."""
+    for x, _ in evalset.batches(batch_size):
+        yield x.reshape(-1, *sample_shape)
+
+
+def measure(cfg, samples: int | None, counters: tuple[str, ...], reporter) -> tuple[list[FlopsResult], dict]:
+    """Every method x budget of ``cfg`` on ``samples`` seeded test inputs (None: the counters on
+    4 of them, the conventions on the whole test list)."""
+    from methods.convert import load_strict
+
+    from . import budgets as budgets_mod
+    from . import datasets, runner
+
+    method_ids, _ = runner.validate(cfg)
+    vit = runner.create_backbone(cfg)
+    evalset = datasets.load(cfg, vit)
+    vit, info = runner.prepare_backbone(cfg, vit, reporter)
+    inputs = evalset.timing_inputs(samples or 4, cfg.seed)
+    whole = None if samples else (lambda: _all_batches(evalset, evalset.sample_shape, cfg.eval_batch_size))
+    results = []
+    for m in method_ids:
+        spec = methods.get(m)
+        for b in budgets_mod.for_method(m, cfg.budgets):
+            knobs = budgets_mod.parse(m, b)
+            state, _ = runner.method_weights(cfg, spec, vit, knobs, info, reporter)
+            model = methods.build(m, vit, mode="compact", **knobs).eval()
+            if state is not None:
+                load_strict(model, state, spec.id)
+            reporter.print(f"counting {m} {budgets_mod.label(b)}", markup=False)
+            results.append(count_model(model, spec, budgets_mod.label(b), inputs, counters, whole() if whole else None))
+    about = {"backbone": cfg.backbone, "dataset": evalset.name, "checkpoint": info.get("checkpoint"),
+             "samples": int(inputs.shape[0]), "convention_samples": "all" if whole else int(inputs.shape[0])}
+    return results, about
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+HEADERS = ("method", "budget", "closed form", "fvcore", "fvcore = rule", "ptflops (aten)", "ptflops = rule", "papers' conventions")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
+def _check(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "NO")
+
+
+def table_rows(results: list[FlopsResult]) -> list[tuple[str, ...]]:
+    """One row per method and budget: mean GMACs per sample of each counter, whether each counter
+    equals its documented rule on every sample, and the conventions' means."""
+    rows = []
+    for r in results:
+        conv = "; ".join(f"{name} {sum(v) / len(v):.6f}" for name, v in r.conventions.items() if v) or "-"
+        rows.append((r.method, r.budget, _fmt(r.mean("closed")), _fmt(r.mean("fvcore")), _check(r.explained("fvcore")),
+                     _fmt(r.mean("ptflops")), _check(r.explained("ptflops")), conv))
+    return rows
+
+
+def markdown(results: list[FlopsResult], about: dict) -> str:
+    """The table as Markdown, with the conventions' notes (the report's counting section)."""
+    lines = [f"# GMACs per sample as every counter counts them ({about['backbone']}, {about['dataset']})", "",
+             f"Counters on {about['samples']} seeded test samples, each alone (batch 1), `compact` models; papers' "
+             f"conventions on {about['convention_samples']} samples. Checkpoint: `{about['checkpoint']}`. "
+             "What each counter counts and each rule: docs/counting.md#every-counter.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    notes = {name: note for r in results for name, note in r.notes.items()}
+    if notes:
+        lines += ["", "Conventions:", ""] + [f"* {name}: {note}" for name, note in notes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(results: list[FlopsResult]) -> list[dict]:
+    """Every sample's counts (G), one row each; conventions as their own rows."""
+    out = []
+    for r in results:
+        for i, s in enumerate(r.samples):
+            out.append({"method": r.method, "budget": r.budget, "sample": i, **s})
+        for name, values in r.conventions.items():
+            out.extend({"method": r.method, "budget": r.budget, "sample": i, f"paper:{name}": v} for i, v in enumerate(values))
+    return out

@@ -109,9 +109,17 @@ def adavit_gate_macs(model: nn.Module) -> int:
 
 
 def adavit_traced(model: nn.Module, trace: Trace) -> torch.Tensor:
-    """The head and block gates' outputs only steer Python control flow in ``compact`` (which heads
-    to slice, whether a sub-layer runs), so fvcore's trace prunes them."""
-    return adavit_executed(model, trace) - adavit_gate_macs(model) / 1e9
+    """What fvcore's trace keeps of ``compact`` at batch 1. It prunes work whose result only
+    steers Python control flow: the head and block gates (which heads to slice, whether a
+    sub-layer runs); in a block that keeps every patch, the patch gate (its decision then selects
+    nothing), and LN1 too when that block's MSA is off (LN1 only fed the gate)."""
+    shape = model.bench_shape
+    n, c = shape.num_tokens, shape.embed_dim
+    ran = trace.tokens.cpu() > 0
+    all_kept = trace.patch_keep.cpu().bool().all(dim=2) & ran
+    msa_off = ~trace.sublayers.cpu().bool()[..., 0]
+    pruned = all_kept * (n - shape.num_prefix_tokens) * c + (all_kept & msa_off) * 5 * n * c
+    return adavit_executed(model, trace) - (adavit_gate_macs(model) + pruned.sum(dim=1).to(torch.float64)) / 1e9
 
 
 def adavit_table(model: nn.Module, trace: Trace) -> torch.Tensor:
