@@ -39,6 +39,14 @@ def _root(
 
 
 METHODS_HELP = "Methods: 'all' or a comma list of ids (`bench list methods`); the dense 'deit' is always included."
+# What chooses the models and data, shared by `bench run` and `bench flops`.
+METHODS_OPTION = typer.Option(None, "--methods", "-m", help=METHODS_HELP)
+PROFILE_OPTION = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (`bench list profiles`; default: default).")
+DATASET_OPTION = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`).")
+DATA_OPTION = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits').")
+BACKBONE_OPTION = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit (--model: timm's spelling).")
+CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'.")
+BUDGETS_OPTION = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5,0.75;avit=20,30'.")
 
 
 def _reporter(quiet: bool):
@@ -49,13 +57,13 @@ def _reporter(quiet: bool):
 
 @app.command()
 def run(
-    methods_: Optional[str] = typer.Option(None, "--methods", "-m", help=METHODS_HELP),
-    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (`bench list profiles`; default: default)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits')."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit (--model: timm's spelling)."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'."),
-    budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5,0.75;avit=20,30'."),
+    methods_: Optional[str] = METHODS_OPTION,
+    profile: Optional[str] = PROFILE_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    data: Optional[str] = DATA_OPTION,
+    backbone: Optional[str] = BACKBONE_OPTION,
+    checkpoint: Optional[str] = CHECKPOINT_OPTION,
+    budgets: Optional[str] = BUDGETS_OPTION,
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (comma list for several)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", "--batch-size", "-b", help="Comma list of batch sizes to time, e.g. 1,32 (--batch-size, -b: timm's spelling)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (autocast); comma list for several."),
@@ -272,13 +280,13 @@ def _write_markdown(path: Path, text: str) -> None:
 
 @app.command()
 def flops(
-    methods_: Optional[str] = typer.Option(None, "--methods", "-m", help=METHODS_HELP),
-    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (default: default)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'."),
-    budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5;avit=20'."),
+    methods_: Optional[str] = METHODS_OPTION,
+    profile: Optional[str] = PROFILE_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    data: Optional[str] = DATA_OPTION,
+    backbone: Optional[str] = BACKBONE_OPTION,
+    checkpoint: Optional[str] = CHECKPOINT_OPTION,
+    budgets: Optional[str] = BUDGETS_OPTION,
     samples: Optional[str] = typer.Option("4", "--samples", help="Test samples each counter counts alone; 'all': the papers' conventions averaged over the whole test list (with --counters paper)."),
     counters: Optional[str] = typer.Option("all", "--counters", help="Comma list of fvcore, ptflops, paper (the papers' own conventions), or all; the closed form is always shown."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the test samples chosen."),
