@@ -160,14 +160,20 @@ def count_sample(model: nn.Module, spec: methods.MethodSpec, x: torch.Tensor, co
     return out
 
 
-def count_conventions(model: nn.Module, spec: methods.MethodSpec, batches) -> dict[str, list[float]]:
+OURS = "ours"  # the closed form on the conventions' own samples (--samples all), to read them against
+
+
+def count_conventions(model: nn.Module, spec: methods.MethodSpec, batches, with_ours: bool = False) -> dict[str, list[float]]:
     """The method's papers' conventions (``spec.counting.conventions``) per sample, each batch of
-    ``batches`` run as one forward."""
-    out: dict[str, list[float]] = {r.name: [] for r in spec.counting.conventions}
+    ``batches`` run as one forward; ``with_ours`` adds our closed form on the same samples."""
+    rules = [(r.name, r.gmacs) for r in spec.counting.conventions]
+    if with_ours:
+        rules.insert(0, (OURS, lambda _model, trace: trace.gmacs.detach().cpu()))
+    out: dict[str, list[float]] = {name: [] for name, _ in rules}
     for x in batches:
         trace = _run(model, x)
-        for r in spec.counting.conventions:
-            out[r.name].extend(r.gmacs(model, trace).tolist())
+        for name, fn in rules:
+            out[name].extend(fn(model, trace).tolist())
     return out
 
 
@@ -205,7 +211,8 @@ def count_model(model: nn.Module, spec: methods.MethodSpec, budget: str, inputs:
     for i in range(inputs.shape[0]):
         result.samples.append(count_sample(model, spec, inputs[i : i + 1], per_sample))
     if "paper" in counters and spec.counting.conventions:
-        result.conventions = count_conventions(model, spec, convention_batches if convention_batches is not None else [inputs])
+        whole = convention_batches is not None
+        result.conventions = count_conventions(model, spec, convention_batches if whole else [inputs], with_ours=whole)
     return result
 
 

@@ -105,6 +105,11 @@ def test_conventions(digits):
     padded = ats.conventions["padded batch"]
     assert all(p >= s["closed"] - 1e-12 for p, s in zip(padded, ats.samples)) and len(set(padded)) == 1
     closed = [s["closed"] for s in ats.samples]
+    # --samples all: the conventions on their own batches, with our count on the same samples beside them
+    whole = flops.count_model(methods.build("ats", digits, keep=0.5).eval(), methods.get("ats"), "0.5", x[:1], ("paper",),
+                              convention_batches=[x[:2], x[2:]])
+    assert whole.conventions[flops.OURS] == pytest.approx(closed, rel=1e-12)  # ATS is batch-invariant by default
+    assert whole.conventions["padded batch"][2] == pytest.approx(closed[2], rel=1e-12)  # alone in its batch
     assert len(set(closed)) == 3 and padded[0] > min(closed)  # samples differ: the padded count charges the longest
     avit = flops.count_model(methods.build("avit", digits, gate_center=3.0).eval(), methods.get("avit"), "3", x, ("paper",))  # CLS pooling: the dense final norm adds 5 (N - 1) C
     extra = 5 * (shape.num_tokens - 1) * shape.embed_dim / 1e9
