@@ -227,7 +227,7 @@ def parse_counters(text: str | None) -> tuple[str, ...]:
 
 
 def check_counters_installed(counters: tuple[str, ...]) -> None:
-    """fvcore is a dependency, ptflops a dev one: say which to install rather than fail later."""
+    """Both are dependencies, but an environment may lack one: say which to install rather than fail later."""
     import importlib.util
 
     for name in ("fvcore", "ptflops"):

@@ -151,3 +151,13 @@ def test_bad_input_is_one_error_line(monkeypatch, capsys, tmp_path, args, messag
     code, out, err = run_main(monkeypatch, capsys, "flops", "--out", str(tmp_path), "--dataset", "synthetic", "--checkpoint", "random", *args)
     assert code == 2
     assert err.startswith("error:") and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_missing_counter_is_named(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ptflops" else real(name, *a))
+    code, out, err = run_main(monkeypatch, capsys, "flops", "--out", str(tmp_path))
+    assert code == 2 and "counter 'ptflops' is not installed: pip install ptflops" in err
+    assert flops.parse_counters("fvcore,paper") == ("fvcore", "paper")
