@@ -291,6 +291,8 @@ def flops(
     counters: Optional[str] = typer.Option("all", "--counters", help="Comma list of fvcore, ptflops, paper (the papers' own conventions), or all; the closed form is always shown."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the test samples chosen."),
     out: str = typer.Option("reports/flops", "--out", help="Folder for flops.md and flops.csv."),
+    run_ref: Optional[str] = typer.Option(None, "--run", help="Count a finished run's own configuration and add the table to its report (`bench report RUN`)."),
+    results_root: str = typer.Option("results", "--results", help="Results root to look --run up in."),
     config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
@@ -298,17 +300,25 @@ def flops(
     from . import budgets as budgets_mod
     from . import config as config_mod
     from . import flops as flops_mod
-    from .store import atomic_write, ensure_writable
+    from .store import Run, atomic_write, ensure_writable
 
     chosen = flops_mod.parse_counters(counters)
     flops_mod.check_counters_installed(chosen)
     count = _sample_count(samples, chosen)
-    flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint, seed=seed, device="cpu")
+    flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint, seed=seed)
     if budgets is not None:
         flags["budgets"] = budgets_mod.parse_cli(budgets)
-    cfg = config_mod.resolve(profile or "default", config, **flags)
+    run_ = Run.find(Path(results_root), run_ref) if run_ref else None
+    if run_ is not None:
+        _refuse_settings_with_run({**flags, "profile": profile, "config": config})
+        cfg = config_mod.RunConfig.from_dict(run_.manifest()["config"])
+    else:
+        cfg = config_mod.resolve(profile or "default", config, **flags)
+    cfg.devices = ["cpu"]  # the counters trace on the CPU
     ensure_writable(Path(out), "--out", "flops folder")
     results, about = flops_mod.measure(cfg, count, chosen, _reporter(quiet))
+    if run_ is not None:
+        flops_mod.save_section(run_.path, results, {**about, "run": run_.id})
     table = Table(title=f"GMACs per sample, {about['backbone']} on {about['dataset']} ({about['samples']} samples alone; conventions on {about['convention_samples']})")
     for h in flops_mod.HEADERS:  # the counts never wrap or shorten: their last digits are the point
         text = h in ("method", "budget", "papers' conventions")
@@ -323,6 +333,15 @@ def flops(
     atomic_write(folder / "flops.md", flops_mod.markdown(results, about).encode())
     atomic_write(folder / "flops.csv", pd.DataFrame(flops_mod.csv_rows(results)).to_csv(index=False).encode())
     console.print(f"flops: {folder / 'flops.md'}", markup=False)
+    if run_ is not None:
+        console.print(f"run {run_.id}: its report shows this table from the next `bench report {run_.id}`", markup=False)
+
+
+def _refuse_settings_with_run(settings: dict) -> None:
+    """--run counts the run's own configuration: a model or data setting given too would be ignored."""
+    given = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None]
+    if given:
+        raise UsageError(f"--run counts the run's own configuration; drop {', '.join(given)}")
 
 
 def _sample_count(text: str | None, counters: tuple[str, ...]) -> int | None:

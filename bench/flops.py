@@ -301,14 +301,22 @@ def table_rows(results: list[FlopsResult]) -> list[tuple[str, ...]]:
 
 
 def markdown(results: list[FlopsResult], about: dict) -> str:
-    """The table as Markdown, with the conventions' notes (the report's counting section)."""
-    lines = [f"# GMACs per sample as every counter counts them ({about['backbone']}, {about['dataset']})", "",
-             f"Counters on {about['samples']} seeded test samples, each alone (batch 1), `compact` models; papers' "
-             f"conventions on {about['convention_samples']} samples. Checkpoint: `{about['checkpoint']}`. "
-             "What each counter counts and each rule: docs/counting.md#every-counter.", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    """The table as Markdown, with the conventions' notes."""
     notes = {name: note for r in results for name, note in r.notes.items()}
+    return section_markdown(about, table_rows(results), notes, "#")
+
+
+def describe(about: dict) -> str:
+    return (f"Counters on {about['samples']} seeded test samples, each alone (batch 1), `compact` models; papers' "
+            f"conventions on {about['convention_samples']} samples. Checkpoint: `{about['checkpoint']}`. "
+            "What each counter counts and each rule: docs/counting.md#every-counter.")
+
+
+def section_markdown(about: dict, rows: list, notes: dict[str, str], level: str = "##") -> str:
+    """The Markdown of a counting table (``bench flops``' file and the report's section)."""
+    lines = [f"{level} GMACs per sample as every counter counts them ({about['backbone']}, {about['dataset']})", "",
+             describe(about), "", "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     if notes:
         lines += ["", "Conventions:", ""] + [f"* {name}: {note}" for name, note in notes.items()]
     return "\n".join(lines) + "\n"
@@ -323,3 +331,29 @@ def csv_rows(results: list[FlopsResult]) -> list[dict]:
         for name, values in r.conventions.items():
             out.extend({"method": r.method, "budget": r.budget, "sample": i, f"paper:{name}": v} for i, v in enumerate(values))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the report's section: `bench flops --run RUN` leaves it in the run's folder, `bench report` shows it
+
+SECTION = "flops.json"
+
+
+def save_section(folder, results: list[FlopsResult], about: dict) -> None:
+    import json
+
+    from .store import atomic_write
+
+    notes = {name: note for r in results for name, note in r.notes.items()}
+    body = {"about": about, "headers": list(HEADERS), "rows": [list(row) for row in table_rows(results)], "notes": notes}
+    atomic_write(folder / SECTION, json.dumps(body, indent=1).encode())
+
+
+def load_section(folder) -> dict | None:
+    """The section a run's folder holds, or None (no `bench flops --run` yet, or unreadable)."""
+    import json
+
+    try:
+        return json.loads((folder / SECTION).read_text())
+    except (OSError, ValueError):
+        return None

@@ -95,7 +95,8 @@ def figure(plot: Plot, page_dir: Path) -> str:
             f"<a href='{rel_svg}'>SVG</a>.</figcaption></figure>")
 
 
-def page(title: str, run_lines: list[str], notes: str, board: pd.DataFrame, plots: list[Plot], page_dir: Path) -> str:
+def page(title: str, run_lines: list[str], notes: str, board: pd.DataFrame, plots: list[Plot], page_dir: Path, extra: str = "") -> str:
+    """The report page; ``extra`` is HTML placed after the leaderboard (the counting sections)."""
     runs = "".join(f"<li>{line}</li>" for line in run_lines)
     figures = "".join(figure(p, page_dir) for p in plots)
     return (
@@ -103,7 +104,7 @@ def page(title: str, run_lines: list[str], notes: str, board: pd.DataFrame, plot
         f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><ul class='runs'>{runs}</ul>"
-        f"<h2>Leaderboard</h2><p>{html.escape(notes)} Click a column header to sort.</p>{table(board)}"
+        f"<h2>Leaderboard</h2><p>{html.escape(notes)} Click a column header to sort.</p>{table(board)}{extra}"
         f"<h2>Plots</h2>{figures}"
         f"<script>{SCRIPT}</script></body></html>\n"
     )

@@ -161,3 +161,24 @@ def test_a_missing_counter_is_named(monkeypatch, capsys, tmp_path):
     code, out, err = run_main(monkeypatch, capsys, "flops", "--out", str(tmp_path))
     assert code == 2 and "counter 'ptflops' is not installed: pip install ptflops" in err
     assert flops.parse_counters("fvcore,paper") == ("fvcore", "paper")
+
+
+def test_run_gets_a_counting_section_in_its_report(monkeypatch, capsys, tmp_path, tmp_path_factory):
+    """`bench flops --run RUN` counts the run's own configuration; `bench report RUN` then shows it."""
+    import shutil
+
+    from benchrun import smoke_run
+
+    results = tmp_path / "results"
+    run = shutil.copytree(smoke_run(tmp_path_factory), results / smoke_run(tmp_path_factory).name)
+    code, out, err = run_main(monkeypatch, capsys, "flops", "--run", run.name, "--results", str(results), "--samples", "1",
+                              "--counters", "fvcore,paper", "--out", str(tmp_path / "flops"), "--quiet")
+    assert code == 0, err
+    assert (run / flops.SECTION).is_file() and "| ats | 0.25 |" in (tmp_path / "flops" / "flops.md").read_text()
+    code, out, err = run_main(monkeypatch, capsys, "report", run.name, "--results", str(results), "--out", str(tmp_path / "reports"))
+    assert code == 0, err
+    board = (tmp_path / "reports" / run.name / "leaderboard.md").read_text()
+    assert "## GMACs per sample as every counter counts them" in board and "| ats | blocks:-2/-1 |" in board
+    assert "GMACs as every counter counts them (run" in (tmp_path / "reports" / run.name / "report.html").read_text()
+    code, out, err = run_main(monkeypatch, capsys, "flops", "--run", run.name, "--results", str(results), "--budgets", "ats=0.5")
+    assert code == 2 and "--run counts the run's own configuration; drop --budgets" in err
