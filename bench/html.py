@@ -70,7 +70,7 @@ def _cell(value) -> tuple[str, str | None, bool]:
     return str(value), None, False
 
 
-def table(df: pd.DataFrame) -> str:
+def table(df: pd.DataFrame, table_id: str = "leaderboard") -> str:
     head = "".join(f"<th scope='col'>{html.escape(str(c))}</th>" for c in df.columns)
     rows = []
     for rec in df.to_dict(orient="records"):
@@ -81,7 +81,7 @@ def table(df: pd.DataFrame) -> str:
             cells.append(f"<td{attrs}>{html.escape(text)}</td>")
         cls = " class='dense'" if rec.get("method") == DENSE else ""
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    return (f"<div class='scroll'><table class='leaderboard' id='leaderboard'><thead><tr>{head}</tr></thead>"
+    return (f"<div class='scroll'><table class='leaderboard' id='{html.escape(table_id)}'><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 

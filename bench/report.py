@@ -121,5 +121,5 @@ def counting_sections(runs: list[Run]) -> list[tuple[str, str]]:
         df = pd.DataFrame(sec["rows"], columns=sec["headers"])
         notes = "".join(f"<li>{html_mod.escape(f'{k}: {v}')}</li>" for k, v in sec["notes"].items())
         out.append((md, f"<h2>GMACs as every counter counts them (run {html_mod.escape(run.id)})</h2>"
-                        f"<p>{html_mod.escape(flops.describe(sec['about']).replace('`', ''))}</p>{table(df)}<ul>{notes}</ul>"))
+                        f"<p>{html_mod.escape(flops.describe(sec['about']).replace('`', ''))}</p>{table(df, f'flops-{run.id}')}<ul>{notes}</ul>"))
     return out
