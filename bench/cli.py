@@ -39,6 +39,14 @@ def _root(
 
 
 METHODS_HELP = "Methods: 'all' or a comma list of ids (`bench list methods`); the dense 'deit' is always included."
+# What chooses the models and data, shared by `bench run` and `bench flops`.
+METHODS_OPTION = typer.Option(None, "--methods", "-m", help=METHODS_HELP)
+PROFILE_OPTION = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (`bench list profiles`; default: default).")
+DATASET_OPTION = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`).")
+DATA_OPTION = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits').")
+BACKBONE_OPTION = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit (--model: timm's spelling).")
+CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'.")
+BUDGETS_OPTION = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5,0.75;avit=20,30'.")
 
 
 def _reporter(quiet: bool):
@@ -49,13 +57,13 @@ def _reporter(quiet: bool):
 
 @app.command()
 def run(
-    methods_: Optional[str] = typer.Option(None, "--methods", "-m", help=METHODS_HELP),
-    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Profile in bench.toml (`bench list profiles`; default: default)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set id (`bench list datasets`)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Path to the data set on disk (not for the embedded 'digits')."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="timm VisionTransformer name, or digits_vit (--model: timm's spelling)."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights (.pth/.safetensors), or 'random'."),
-    budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-method budgets, e.g. 'ats=0.5,0.75;avit=20,30'."),
+    methods_: Optional[str] = METHODS_OPTION,
+    profile: Optional[str] = PROFILE_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    data: Optional[str] = DATA_OPTION,
+    backbone: Optional[str] = BACKBONE_OPTION,
+    checkpoint: Optional[str] = CHECKPOINT_OPTION,
+    budgets: Optional[str] = BUDGETS_OPTION,
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (comma list for several)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", "--batch-size", "-b", help="Comma list of batch sizes to time, e.g. 1,32 (--batch-size, -b: timm's spelling)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (autocast); comma list for several."),
@@ -294,6 +302,88 @@ def _write_markdown(path: Path, text: str) -> None:
         atomic_write(path, text.encode())
     except OSError as e:
         raise UsageError(f"--markdown {path} cannot be written ({e.strerror or e}); pass a writable path") from None
+
+
+@app.command()
+def flops(
+    methods_: Optional[str] = METHODS_OPTION,
+    profile: Optional[str] = PROFILE_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    data: Optional[str] = DATA_OPTION,
+    backbone: Optional[str] = BACKBONE_OPTION,
+    checkpoint: Optional[str] = CHECKPOINT_OPTION,
+    budgets: Optional[str] = BUDGETS_OPTION,
+    samples: Optional[str] = typer.Option("4", "--samples", help="Test samples each counter counts alone; 'all': the papers' conventions averaged over the whole test list (with --counters paper)."),
+    counters: Optional[str] = typer.Option("all", "--counters", help="Comma list of fvcore, ptflops, paper (the papers' own conventions), or all; the closed form is always shown."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the test samples chosen."),
+    out: str = typer.Option("reports/flops", "--out", help="Folder for flops.md and flops.csv."),
+    run_ref: Optional[str] = typer.Option(None, "--run", help="Count a finished run's own configuration and add the table to its report (`bench report RUN`)."),
+    results_root: str = typer.Option("results", "--results", help="Results root to look --run up in."),
+    config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """GMACs per sample as every counter counts them: closed form, fvcore, ptflops, the papers' conventions (docs/counting.md#every-counter)."""
+    from . import budgets as budgets_mod
+    from . import config as config_mod
+    from . import flops as flops_mod
+    from .store import Run, atomic_write, ensure_writable
+
+    chosen = flops_mod.parse_counters(counters)
+    flops_mod.check_counters_installed(chosen)
+    count = _sample_count(samples, chosen)
+    flags = dict(methods=methods_, dataset=dataset, data=data, backbone=backbone, checkpoint=checkpoint, seed=seed)
+    if budgets is not None:
+        flags["budgets"] = budgets_mod.parse_cli(budgets)
+    run_ = Run.find(Path(results_root), run_ref) if run_ref else None
+    if run_ is not None:
+        _refuse_settings_with_run({**flags, "profile": profile, "config": config})
+        cfg = config_mod.RunConfig.from_dict(run_.manifest()["config"])
+    else:
+        cfg = config_mod.resolve(profile or "default", config, **flags)
+    cfg.devices = ["cpu"]  # the counters trace on the CPU
+    ensure_writable(Path(out), "--out", "flops folder")
+    results, about = flops_mod.measure(cfg, count, chosen, _reporter(quiet))
+    if run_ is not None:
+        flops_mod.save_section(run_.path, results, {**about, "run": run_.id})
+    table = Table(title=f"GMACs per sample, {about['backbone']} on {about['dataset']} ({about['samples']} samples alone; conventions on {about['convention_samples']})")
+    for h in flops_mod.HEADERS:  # the counts never wrap or shorten: their last digits are the point
+        text = h in ("method", "budget", "papers' conventions")
+        table.add_column(h, justify="left" if text else "right", no_wrap=not text, overflow="fold")
+    for row in flops_mod.table_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    import pandas as pd
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "flops.md", flops_mod.markdown(results, about).encode())
+    atomic_write(folder / "flops.csv", pd.DataFrame(flops_mod.csv_rows(results)).to_csv(index=False).encode())
+    console.print(f"flops: {folder / 'flops.md'}", markup=False)
+    if run_ is not None:
+        console.print(f"run {run_.id}: its report shows this table from the next `bench report {run_.id}`", markup=False)
+
+
+def _refuse_settings_with_run(settings: dict) -> None:
+    """--run counts the run's own configuration: a model or data setting given too would be ignored."""
+    given = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None]
+    if given:
+        raise UsageError(f"--run counts the run's own configuration; drop {', '.join(given)}")
+
+
+def _sample_count(text: str | None, counters: tuple[str, ...]) -> int | None:
+    """--samples: a positive count, or 'all' (None) for the conventions alone."""
+    if text == "all":
+        if counters != ("paper",):
+            raise UsageError("--samples all averages the papers' conventions over the whole test list; pass --counters paper with it "
+                             "(fvcore and ptflops count a handful of samples, each alone)")
+        return None
+    try:
+        value = int(text or "")
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--samples '{text}' must be a positive integer or 'all'")
+    return value
 
 
 baseline_app = typer.Typer(no_args_is_help=True, help="Baselines that `bench compare` gates against (RESULTS/baselines/<profile>/).")

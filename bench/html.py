@@ -111,7 +111,7 @@ def _row(rec: dict, columns: list, pinned: list) -> str:
     return f"<tr{cls}>{''.join(cells)}</tr>"
 
 
-def table(df: pd.DataFrame, gmacs: pd.Series | None = None) -> str:
+def table(df: pd.DataFrame, gmacs: pd.Series | None = None, table_id: str = "leaderboard") -> str:
     """The leaderboard; ``gmacs`` (per row) gives the budget column its sort value when the table
     itself has no gmacs column (it was constant)."""
     columns = list(df.columns)
@@ -121,7 +121,7 @@ def table(df: pd.DataFrame, gmacs: pd.Series | None = None) -> str:
     if gmacs is not None:
         records = [{**r, "gmacs": g} for r, g in zip(records, gmacs)]
     rows = "".join(_row(rec, columns, pinned) for rec in records)
-    return (f"<div class='scroll'><table class='leaderboard' id='leaderboard'><thead><tr>{head}</tr></thead>"
+    return (f"<div class='scroll'><table class='leaderboard' id='{html.escape(table_id)}'><thead><tr>{head}</tr></thead>"
             f"<tbody>{rows}</tbody></table></div>")
 
 
@@ -140,7 +140,8 @@ def figure(plot: Plot, page_dir: Path) -> str:
             f"<a href='{rel_svg}'>SVG</a>.</figcaption></figure>")
 
 
-def page(title: str, run_lines: list[str], notes: str, board: pd.DataFrame, plots: list[Plot], page_dir: Path) -> str:
+def page(title: str, run_lines: list[str], notes: str, board: pd.DataFrame, plots: list[Plot], page_dir: Path, extra: str = "") -> str:
+    """The report page; ``extra`` is HTML placed after the leaderboard (the counting sections)."""
     runs = "".join(f"<li>{line}</li>" for line in run_lines)
     figures = "".join(figure(p, page_dir) for p in plots)
     varying, constant = split_constants(board)
@@ -150,7 +151,7 @@ def page(title: str, run_lines: list[str], notes: str, board: pd.DataFrame, plot
         f"<style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><ul class='runs'>{runs}</ul>"
         f"<h2>Leaderboard</h2><p>{html.escape(notes)} Click a column header to sort.</p>"
-        f"{constants_list(constant)}{table(varying, board.get('gmacs'))}"
+        f"{constants_list(constant)}{table(varying, board.get('gmacs'))}{extra}"
         f"<h2>Plots</h2>{figures}"
         f"<script>{SCRIPT}</script></body></html>\n"
     )

@@ -111,8 +111,30 @@ def _write_files(runs: list[Run], raw_df: pd.DataFrame, name: str, folder: Path)
 
     df = leaderboard(raw_df)
     atomic_write(folder / "leaderboard.csv", df.to_csv(index=False, float_format="%.6g").encode())
-    atomic_write(folder / "leaderboard.md", markdown(df, runs).encode())
+    sections = counting_sections(runs)
+    atomic_write(folder / "leaderboard.md", (markdown(df, runs) + "".join(f"\n{md}" for md, _ in sections)).encode())
     figures = plots.draw_all(raw_df, runs, folder / "plots")
     lines = [line.replace("`", "") for line in run_lines(runs)]
-    page = html.page(f"bench report {name}", lines, NOTES, df, figures, folder)
+    page = html.page(f"bench report {name}", lines, NOTES, df, figures, folder, extra="".join(h for _, h in sections))
     atomic_write(folder / "report.html", page.encode())
+
+
+def counting_sections(runs: list[Run]) -> list[tuple[str, str]]:
+    """(Markdown, HTML) of each run's counting table, where `bench flops --run` left one
+    (docs/counting.md#every-counter)."""
+    import html as html_mod
+
+    from . import flops
+    from .html import table
+
+    out = []
+    for run in runs:
+        sec = flops.load_section(run.path)
+        if sec is None:
+            continue
+        md = flops.section_markdown(sec["about"], sec["rows"], sec["notes"])
+        df = pd.DataFrame(sec["rows"], columns=sec["headers"])
+        notes = "".join(f"<li>{html_mod.escape(f'{k}: {v}')}</li>" for k, v in sec["notes"].items())
+        out.append((md, f"<h2>GMACs as every counter counts them (run {html_mod.escape(run.id)})</h2>"
+                        f"<p>{html_mod.escape(flops.describe(sec['about']).replace('`', ''))}</p>{table(df, table_id=f'flops-{run.id}')}<ul>{notes}</ul>"))
+    return out

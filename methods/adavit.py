@@ -492,8 +492,11 @@ def val_stats(trace, num_heads: int) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------
 
+from . import counting as _counting  # noqa: E402  (docs/counting.md#every-counter)
+
 SPEC = register(
     MethodSpec(
+        counting=_counting.ADAVIT,
         id="adavit",
         paper="Meng et al., CVPR 2022, AdaViT: Adaptive Vision Transformers for Efficient Image Recognition",
         arxiv="2111.15668",

@@ -533,8 +533,11 @@ def _build(
     return model
 
 
+from . import counting as _counting  # noqa: E402  (docs/counting.md#every-counter)
+
 SPEC = register(
     MethodSpec(
+        counting=_counting.ATS,
         id="ats",
         paper="Fayyaz et al. 2022, Adaptive Token Sampling for Efficient Vision Transformers (ECCV)",
         arxiv="2111.15667",

@@ -534,8 +534,11 @@ def _build(vit: nn.Module, mode: str, **knobs: Any) -> nn.Module:
     return adapt(vit, AViT, mode, knobs)
 
 
+from . import counting as _counting  # noqa: E402  (docs/counting.md#every-counter)
+
 SPEC = register(
     MethodSpec(
+        counting=_counting.AVIT,
         id="avit",
         paper="Yin et al., CVPR 2022, A-ViT: Adaptive Tokens for Efficient Vision Transformer",
         arxiv="2112.07658",

@@ -37,6 +37,27 @@ class MatchedCompute:
 
 
 @dataclass(frozen=True)
+class CountRule:
+    """One way of counting a method's per-sample compute other than our closed form, e.g. a
+    paper's own convention (docs/counting.md#every-counter). ``gmacs(model, trace)`` -> (B,) G."""
+
+    name: str
+    note: str
+    gmacs: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Counting:
+    """How a method's compute looks to other counters, per sample, as functions of the model and
+    one forward's trace (methods/counting.py, docs/counting.md#every-counter). None = the trace's
+    own ``gmacs`` (the dense model: every counter sees our closed form)."""
+
+    traced: Callable[..., Any] | None = None  # fvcore's jit trace of ``compact`` at batch 1
+    executed: Callable[..., Any] | None = None  # what ``compact`` runs at batch 1 (eager counters)
+    conventions: tuple[CountRule, ...] = ()  # the papers' own counts where they differ from ours
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     id: str
     paper: str
@@ -56,6 +77,10 @@ class MethodSpec:
     train_settings: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in bench.toml
     extras: dict[str, str] = field(default_factory=dict)  # trace fields the method adds -> meaning
     matched: MatchedCompute | None = None  # how to reach a target GMACs ratio; None: no budget knob
+
+
+@dataclass(frozen=True)
+    counting: Counting = field(default_factory=Counting)  # other counters' view (docs/counting.md#every-counter)
 
     def knob(self, name: str) -> Knob:
         for k in self.knobs:
