@@ -104,6 +104,8 @@ def run(
     if write_report:
         ensure_writable(Path(reports), "--reports", "reports folder")  # before the run, not after it
     reporter = _reporter(quiet)
+    if cfg.variants and not resume:
+        return _study(cfg, reporter, Path(reports))
     try:
         result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
     except KeyboardInterrupt:
@@ -115,6 +117,19 @@ def run(
     except KeyboardInterrupt:
         raise Interrupted(f"run {result.path} is complete; its report was not finished: "
                           f"`bench report {result.id} --results {result.path.parent}` writes it") from None
+
+
+def _study(cfg, reporter, reports: Path) -> None:
+    """A profile with ``variants``: one run per variant, one study report (bench/study.py)."""
+    from . import study
+
+    try:
+        folder, runs = study.run_study(cfg, reporter, reports)
+    except KeyboardInterrupt:
+        raise Interrupted("finished variants are saved and their weights cached; rerun the study to finish it") from None
+    for run in runs:
+        console.print(f"results: {run.path}", markup=False)
+    console.print(f"study:   {folder / 'study.md'}", markup=False)
 
 
 def _finish(result, reports: Path, write_report: bool = True) -> None:

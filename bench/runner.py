@@ -103,7 +103,7 @@ def create_backbone(cfg: RunConfig) -> nn.Module:
             raise UsageError(f"unknown backbone '{cfg.backbone}'; use a timm VisionTransformer name (e.g. deit_small_patch16_224), "
                              "digits_vit, digits_video_vit, videomae_vit_base_patch16_224 or timesformer_base_patch16_224") from None
         raise
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: a study option's value (methods/variants.py)
         raise UsageError(f"backbone '{cfg.backbone}' does not take these [model] settings: {e}") from None
     from timm.models.vision_transformer import VisionTransformer
 
