@@ -180,3 +180,16 @@ def test_study_report_has_one_row_per_variant_and_model(tmp_path):
     assert df[df["variant"] == "digits_vit_mixer"]["options"].item() == "block=mixer"
     text = (folder / "study.md").read_text()
     assert "digits_vit_mixer" in text and (folder / "accuracy_vs_gmacs.png").stat().st_size > 0
+
+
+def test_cli_refuses_with_one_line(monkeypatch, capsys, tmp_path):
+    from conftest import run_main
+
+    code, _, err = run_main(monkeypatch, capsys, "run", "--backbone", "digits_vit_mixer", "--methods", "ats", "--checkpoint", "random",
+                            "--out", str(tmp_path), "--no-report", "-q")
+    assert code == 2 and "a Mixer block has no attention" in err and "Traceback" not in err
+    bad = tmp_path / "bench.toml"
+    bad.write_text('[profiles.x]\ndescription = "bad option"\n[profiles.x.model]\npos = "spiral"\n')
+    code, _, err = run_main(monkeypatch, capsys, "run", "--profile", "x", "--config", str(bad), "--checkpoint", "random",
+                            "--out", str(tmp_path), "--no-report", "-q")
+    assert code == 2 and err.strip().startswith("error:") and "pos='spiral'" in err and len(err.strip().splitlines()) == 1
