@@ -193,3 +193,29 @@ def test_cli_refuses_with_one_line(monkeypatch, capsys, tmp_path):
     code, _, err = run_main(monkeypatch, capsys, "run", "--profile", "x", "--config", str(bad), "--checkpoint", "random",
                             "--out", str(tmp_path), "--no-report", "-q")
     assert code == 2 and err.strip().startswith("error:") and "pos='spiral'" in err and len(err.strip().splitlines()) == 1
+
+
+class _Progress:
+    def advance(self, n):
+        pass
+
+    def note(self, text):
+        pass
+
+
+@pytest.mark.parametrize("name", ["digits_vit_rope", "digits_vit_mixer"])
+def test_avit_fine_tunes_in_reference_where_compact_is_refused(name):
+    from methods import avit
+
+    vit = variant(name)
+    mode = runner.training_mode(methods.get("avit"), vit)
+    assert mode == "reference" and runner.training_mode(methods.get("avit"), variant("digits_vit_cosine")) == "compact"
+    torch.manual_seed(3)
+    batch = [(torch.randn(8, 1, 64, 64), torch.randint(0, 10, (8,)))]
+    data = methods.TrainData(batches=lambda e: iter(batch), steps_per_epoch=1, val_batches=lambda: iter(batch), num_classes=10)
+    model = methods.build("avit", vit, mode=mode, **HALTING, train_gate_center=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = avit.train(model, data, {"epochs": 1, "lr": 1e-2}, _Progress())
+    assert model.bench_mode == "reference" and 1 <= result["val_mean_depth"] <= len(vit.blocks)
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(".attn." in k for k in moved)  # the token mixing, or the attention around the rotations, learned
