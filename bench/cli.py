@@ -112,6 +112,8 @@ def run(
     if write_report:
         ensure_writable(Path(reports), "--reports", "reports folder")  # before the run, not after it
     reporter = _reporter(quiet)
+    if cfg.variants and not resume:
+        return _study(cfg, reporter, Path(reports))
     try:
         result = runner.execute(cfg, reporter, resume=resume, argv=sys.argv)
     except KeyboardInterrupt:
@@ -123,6 +125,20 @@ def run(
     except KeyboardInterrupt:
         raise Interrupted(f"run {result.path} is complete; its report was not finished: "
                           f"`bench report {result.id} --results {result.path.parent}` writes it") from None
+
+
+def _study(cfg, reporter, reports: Path) -> None:
+    """A profile with ``variants``: one run per variant, one study report (bench/study.py)."""
+    from . import study
+
+    try:
+        folder, runs = study.run_study(cfg, reporter, reports)
+    except KeyboardInterrupt:
+        raise Interrupted("finished variants are saved and their weights cached; rerun the study to finish it") from None
+    console.print(study.study_rows(runs).to_markdown(index=False, floatfmt=".4g"), markup=False)
+    for run in runs:
+        console.print(f"results: {run.path}", markup=False)
+    console.print(f"study:   {folder / 'study.md'}", markup=False)
 
 
 def _finish(result, reports: Path, write_report: bool = True) -> None:
@@ -466,6 +482,7 @@ def train(
     target: str = typer.Argument("backbone", help="'backbone', or a method id that needs fine-tuning."),
     profile: str = typer.Option("default", "--profile", "-p", help="Profile in bench.toml."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Budget whose training knobs to fine-tune for."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "--model", help="The profile's backbone, or one of the digits ViT variants (docs/avit_study.md)."),
     ship: bool = typer.Option(False, "--ship", help="Write into bench/assets (checkpoints shipped with the project)."),
     config: Optional[Path] = typer.Option(None, "--config", help="bench.toml to read."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -477,13 +494,14 @@ def train(
     from . import cache, runner
     from . import config as config_mod
 
-    cfg = config_mod.resolve(profile, config, retrain=True)
+    cfg = config_mod.resolve(profile, config, retrain=True, backbone=backbone)
     config_mod.check_values(cfg)
     reporter = _reporter(quiet)
     from . import datasets
 
     if not datasets.is_embedded(cfg):
-        raise UsageError("bench train works on the embedded defaults (dataset digits with digits_vit, digits_video with digits_video_vit)")
+        raise UsageError("bench train works on the embedded defaults (dataset digits with digits_vit or a variant of it, "
+                         "digits_video with digits_video_vit)")
     vit = runner.create_backbone(cfg)
     if target == "backbone":
         key = cache.config_key(runner.backbone_key(cfg))

@@ -26,6 +26,7 @@ PROFILE_SCHEMA: dict[str, Any] = {
     "dataset": str,
     "data": str,
     "backbone": str,
+    "variants": ("list", str),  # a study: one run per backbone, one report (bench/study.py)
     "checkpoint": str,
     "budgets": ("map", ("list", _BUDGET_ITEM)),
     "modes": ("map", str),
@@ -77,7 +78,9 @@ PROFILE_SCHEMA: dict[str, Any] = {
     ),
     # Test-time sampling of real videos (bench/data/kinetics.py); frames and crop size come from the backbone.
     "video": ("table", {"stride": int, "clips": int, "crops": int, "short_side": int}),
-    "model": ("table", {"embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": NUMBER, "img_size": int}),
+    "model": ("table", {"embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": NUMBER, "img_size": int,
+                        # the digits ViT's study options (methods/variants.py, docs/avit_study.md)
+                        "pos": str, "norm": str, "attn": str, "block": str}),
     "train": (
         "table",
         {
@@ -270,6 +273,7 @@ class RunConfig:
     workers: list[str] = field(default_factory=list)  # --devices: one process per entry
     video: dict = field(default_factory=dict)  # [video]: test-time clip sampling of real videos
     memory_cap_mb: int | None = None  # bench/kernels.py memory_cap (None: the whole device)
+    variants: list[str] = field(default_factory=list)  # a study's backbones, one run each (bench/study.py)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -330,6 +334,8 @@ def resolve(profile_name: str, config_path: Path | None = None, **flags: Any) ->
         workers=as_list(over.get("devices", p.get("devices"))),
         video=dict(p.get("video", {})),
         memory_cap_mb=p.get("memory_cap_mb"),
+        # --backbone names one model: a study's list of variants gives way to it
+        variants=[] if "backbone" in over else list(dict.fromkeys(p.get("variants", []))),
     )
     if "budgets" in over:
         cfg.budgets.update(over["budgets"])

@@ -120,7 +120,11 @@ EMBEDDED = {
 
 def is_embedded(cfg: RunConfig) -> bool:
     """The data set and backbone of an embedded default, which the harness can train."""
-    return cfg.dataset in EMBEDDED and cfg.backbone == EMBEDDED[cfg.dataset][0]
+    if cfg.dataset not in EMBEDDED:
+        return False
+    from methods.variants import NAMED  # the A-ViT study's variants of the digits ViT (docs/avit_study.md)
+
+    return cfg.backbone == EMBEDDED[cfg.dataset][0] or (cfg.dataset == "digits" and cfg.backbone in NAMED)
 
 
 def embedded_config(cfg: RunConfig):

@@ -101,9 +101,10 @@ def create_backbone(cfg: RunConfig) -> nn.Module:
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UsageError(f"unknown backbone '{cfg.backbone}'; use a timm VisionTransformer name (e.g. deit_small_patch16_224), "
-                             "digits_vit, digits_video_vit, videomae_vit_base_patch16_224 or timesformer_base_patch16_224") from None
+                             "digits_vit (or a study variant such as digits_vit_rope, docs/avit_study.md), digits_video_vit, "
+                             "videomae_vit_base_patch16_224 or timesformer_base_patch16_224") from None
         raise
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: a study option's value (methods/variants.py)
         raise UsageError(f"backbone '{cfg.backbone}' does not take these [model] settings: {e}") from None
     from timm.models.vision_transformer import VisionTransformer
 
@@ -184,6 +185,12 @@ def method_train_data(cfg: RunConfig, device: torch.device, batch_size: int) -> 
 NOT_FINETUNED = {"finetuned": False, "method_checkpoint": "", "method_checkpoint_sha256": ""}
 
 
+def training_mode(spec: methods.MethodSpec, vit: nn.Module) -> str:
+    """The method's first mode that the backbone does not refuse (docs/avit_study.md#which-methods-run-where)."""
+    refusal = getattr(vit, "unsupported_reason", None)
+    return next((m for m in spec.modes if refusal is None or not refusal(spec.id, m)), spec.modes[0])
+
+
 def method_weights(
     cfg: RunConfig, spec: methods.MethodSpec, vit: nn.Module, knobs: dict, backbone_info: dict, reporter: Reporter
 ) -> tuple[dict | None, dict]:
@@ -204,7 +211,7 @@ def method_weights(
     name = f"{cfg.backbone}-{spec.id}"
     path = None if cfg.retrain else cache.find(name, key)
     if path is None:
-        model = methods.build(spec.id, vit, mode=spec.modes[0], **knobs)
+        model = methods.build(spec.id, vit, mode=training_mode(spec, vit), **knobs)
         data = method_train_data(cfg, torch.device("cpu"), int(settings.get("batch_size", 128)))
         epochs = int(settings.get("epochs", 1))
         with reporter.bar(f"fine-tune {spec.id} {budgets_mod.label(train_knobs)}", epochs * data.steps_per_epoch) as bar:

@@ -6,6 +6,7 @@
     methods.trace(model).gmacs   # (B,) multiply-accumulates of each sample, in G
 """
 from . import backbones  # noqa: F401  (registers the embedded-default backbones with timm)
+from . import variants  # noqa: F401  (registers the A-ViT study's digits ViT variants)
 from . import video  # noqa: F401  (registers the video ViTs with timm)
 from . import timesformer  # noqa: F401  (registers TimeSformer with timm)
 from . import dense  # noqa: F401  (registers `deit`)

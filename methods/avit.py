@@ -473,7 +473,8 @@ def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
     target_depth = knobs["target_depth"] or default_target_depth(depth)
     target = prior_target(depth, target_depth, knobs["prior"], knobs["prior_std"])
     saved_mode, saved_center = model.bench_mode, knobs["gate_center"]
-    model.bench_mode = "reference" if knobs["official_prior_quirk"] else "compact"
+    # reference also where the model was built so: a backbone that refuses compact (docs/avit_study.md)
+    model.bench_mode = "reference" if knobs["official_prior_quirk"] or saved_mode == "reference" else "compact"
     knobs["gate_center"] = knobs["train_gate_center"]
     recipe = Recipe(steps=max(1, int(s["epochs"]) * int(data.steps_per_epoch)), warmup_steps=int(s["warmup_steps"]),
                     grad_clip=float(s["grad_clip"] or 0.0), seed=int(s["seed"]))
@@ -485,7 +486,7 @@ def train(model: nn.Module, data: Any, settings: dict, progress: Any) -> dict:
     try:
         history, seconds = timed(lambda: fit(model, data.batches, optimizer, recipe, partial(step_loss, target=target, settings=s), progress))
         model.__dict__["_avit_aux"] = None
-        model.bench_mode = "compact"
+        model.bench_mode = saved_mode
         val = validate(model, data.val_batches(), val_stats)
     finally:
         model.eval()

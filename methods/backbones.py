@@ -51,10 +51,12 @@ def create_digits_vit(
     depth: int = 6,
     num_heads: int = 3,
     mlp_ratio: float = 4.0,
+    vit_class=VisionTransformer,
     **kwargs,
 ) -> VisionTransformer:
-    """The dense backbone of the embedded default: 8x8 patches on a 64x64 canvas -> 64 + 1 tokens."""
-    return VisionTransformer(
+    """The dense backbone of the embedded default: 8x8 patches on a 64x64 canvas -> 64 + 1 tokens.
+    ``vit_class`` builds it (methods/variants.py passes its study variants' class)."""
+    return vit_class(
         img_size=img_size,
         patch_size=8,
         in_chans=in_chans,
@@ -76,4 +78,9 @@ def digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
         raise ValueError("digits_vit has no hub weights: pass a checkpoint file (bench trains and caches one)")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
         kwargs.pop(key, None)
+    options = {k: kwargs.pop(k) for k in ("pos", "norm", "attn", "block") if k in kwargs}
+    if options:  # bench.toml [model] pos / norm / attn / block: a study variant (docs/avit_study.md)
+        from .variants import create_study_vit
+
+        return create_study_vit(options, **kwargs)
     return create_digits_vit(**kwargs)

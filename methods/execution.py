@@ -81,6 +81,8 @@ def attention_on_rows(attn: nn.Module, y: torch.Tensor, lay: Layout, product: Pr
     """timm ``Attention`` on packed rows ``y`` (T, C); the products run in ``lay``'s buffer(s).
     ``product(q, k, v, lay)`` replaces the softmax attention where a method's official code
     computes it differently (ATS's policy-aware softmax)."""
+    if hasattr(attn, "mix_rows"):  # a token-mixing MLP in the attention slot (methods/variants.py)
+        return attn.mix_rows(y, lay)
     drop = attn.attn_drop.p if attn.training else 0.0
     o = packed_attention(attn.qkv(y), lay, attn.num_heads, attn.head_dim, attn.q_norm, attn.k_norm, drop, product)
     return attention_tail(attn, o, y)
@@ -122,7 +124,8 @@ def check_timm_blocks(vit: nn.Module, method: str) -> None:
 
     for i, blk in enumerate(vit.blocks):
         pre_ln = isinstance(blk, Block) and type(blk).forward is Block.forward
-        if not pre_ln or type(blk.attn).forward is not Attention.forward:
+        mixes = hasattr(blk.attn, "mix_rows")  # methods/variants.py: its backbone refuses what it cannot run
+        if not pre_ln or not (mixes or type(blk.attn).forward is Attention.forward):
             raise TypeError(f"{method} supports timm's pre-LN Block with Attention; block {i} is {type(blk).__name__}")
 
 

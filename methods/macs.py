@@ -52,11 +52,16 @@ class ViTShape:
     num_classes: int
     embed_macs: int  # patch embedding (or conv stem) per sample
     head_macs: int  # fc_norm + classifier per sample (the final norm depends on tokens)
-    final_norm_is_ln: bool
+    final_norm_macs: int  # per element of the final norm: 5 LayerNorm, 4 without affine, 0 none
+    norm_macs: int = 5  # per element of the blocks' norms (4: instance norm without affine, methods/variants.py)
 
     @property
     def num_tokens(self) -> int:
         return self.num_patches + self.num_prefix_tokens
+
+    def norm(self, rows: Count) -> Count:
+        """One of the blocks' norms on ``rows`` tokens."""
+        return self.norm_macs * rows * self.embed_dim
 
     def block(self, n_in: Count, n_out: Count | None = None) -> Count:
         """One pre-LN block. With ``n_out`` < ``n_in`` (ATS-style sampling inside the block), the
@@ -66,12 +71,12 @@ class ViTShape:
         if n_out is None:
             n_out = n_in
         return (
-            layernorm(n_in, c)
+            self.norm(n_in)
             + linear(n_in, c, 3 * a)
             + n_in * n_in * a
             + n_out * n_in * a
             + linear(n_out, a, c)
-            + layernorm(n_out, c)
+            + self.norm(n_out)
             + linear(n_out, c, h)
             + linear(n_out, h, c)
         )
@@ -86,8 +91,7 @@ class ViTShape:
 
     def final(self, n_final: Count) -> Count:
         """Final norm over the tokens left at the end, then pooling and the classifier."""
-        norm = layernorm(n_final, self.embed_dim) if self.final_norm_is_ln else 0
-        return norm + self.head_macs
+        return self.final_norm_macs * n_final * self.embed_dim + self.head_macs
 
     def dense_gmacs(self) -> float:
         n = self.num_tokens
@@ -181,7 +185,7 @@ def vit_shape(vit: nn.Module) -> ViTShape:
     blk = blocks[0]
     attn = blk.attn
     embed_dim = vit.embed_dim
-    attn_dim = attn.qkv.out_features // 3
+    attn_dim = attn.qkv.out_features // 3 if hasattr(attn, "qkv") else 0  # 0: a Mixer block (methods/variants.py)
     mlp_hidden = blk.mlp.fc1.out_features
     pe = vit.patch_embed
     in_chans = _first_conv_in_channels(pe)
@@ -200,21 +204,34 @@ def vit_shape(vit: nn.Module) -> ViTShape:
         embed_dim=embed_dim,
         attn_dim=attn_dim,
         mlp_hidden=mlp_hidden,
-        num_heads=attn.num_heads,
+        num_heads=getattr(attn, "num_heads", 0),
         depth=len(blocks),
         num_prefix_tokens=vit.num_prefix_tokens,
         num_patches=pe.num_patches,
         num_classes=vit.num_classes,
         embed_macs=embed_macs,
         head_macs=int(head_macs),
-        final_norm_is_ln=isinstance(vit.norm, nn.LayerNorm),
+        final_norm_macs=norm_macs_per_element(vit.norm, other=0),
+        norm_macs=norm_macs_per_element(blk.norm1, other=5),
     )
     if getattr(vit, "attention_layout", "joint") == "divided":  # TimeSformer (methods/timesformer.py)
         shape = DividedViTShape(frames=int(vit.num_frames), **fields)
+    elif hasattr(vit, "bench_make_shape"):  # a backbone with its own block closed form (methods/variants.py)
+        shape = vit.bench_make_shape(fields)
     else:
         shape = ViTShape(**fields)
     vit.__dict__["_bench_vit_shape"] = shape  # plain attribute, not a registered buffer
     return shape
+
+
+def norm_macs_per_element(norm: nn.Module, other: int) -> int:
+    """fvcore's count per element of a norm: 5 with an affine scale and shift, 4 without, 0 none;
+    ``other`` for any other module (what these closed forms assumed before norms varied)."""
+    if isinstance(norm, nn.LayerNorm):
+        return 5 if norm.elementwise_affine else 4
+    if isinstance(norm, nn.modules.instancenorm._InstanceNorm):
+        return 5 if norm.affine else 4
+    return 0 if isinstance(norm, nn.Identity) else other
 
 
 def _first_conv_in_channels(module: nn.Module) -> int:

@@ -144,13 +144,14 @@ def build(method_id: str, vit: nn.Module, mode: str | None = None, copy: bool = 
     baseline and every method side by side.
     """
     spec = get(method_id)
-    refusal = getattr(vit, "unsupported_reason", None)  # a backbone a method is not adapted to (TimeSformer)
-    reason = refusal(method_id) if refusal is not None else None
-    if reason:
-        raise ValueError(reason)
     mode = mode or spec.modes[0]
     if mode not in spec.modes:
         raise ValueError(f"method {method_id!r} has no mode {mode!r}; modes: {', '.join(spec.modes)}")
+    # a backbone a method (or one of its modes) is not adapted to: TimeSformer, the study variants
+    refusal = getattr(vit, "unsupported_reason", None)
+    reason = refusal(method_id, mode) if refusal is not None else None
+    if reason:
+        raise ValueError(reason)
     values = {k.name: k.default for k in spec.knobs}
     for name, value in knobs.items():
         values[name] = coerce_knob(spec, name, value)

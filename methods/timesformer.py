@@ -164,8 +164,8 @@ class TimeSformer(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "time_embed"}
 
-    def unsupported_reason(self, method_id: str) -> str | None:
-        """Why ``method_id`` cannot adapt this model yet, or None (methods/registry.py asks)."""
+    def unsupported_reason(self, method_id: str, mode: str | None = None) -> str | None:
+        """Why ``method_id`` (in any ``mode``) cannot adapt this model yet, or None (methods/registry.py asks)."""
         if method_id in self.supported_methods:
             return None
         return (f"{method_id} is not adapted to TimeSformer's divided space-time attention yet (each block attends "
