@@ -77,9 +77,6 @@ class MethodSpec:
     train_settings: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in bench.toml
     extras: dict[str, str] = field(default_factory=dict)  # trace fields the method adds -> meaning
     matched: MatchedCompute | None = None  # how to reach a target GMACs ratio; None: no budget knob
-
-
-@dataclass(frozen=True)
     counting: Counting = field(default_factory=Counting)  # other counters' view (docs/counting.md#every-counter)
 
     def knob(self, name: str) -> Knob:
