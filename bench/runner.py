@@ -340,7 +340,9 @@ def installed_packages() -> dict[str, str]:
 def default_budgets(cfg: RunConfig, method_ids: list[str]) -> dict[str, list[str]]:
     """Budgets no profile or flag gave: the method's own defaults (methods/registry.py), which a
     later version may change, so the manifest records them."""
-    return {m: [budgets_mod.label(b) for b in budgets_mod.for_method(m, {})] for m in method_ids if not cfg.budgets.get(m)}
+    shared = bool(cfg.budgets.get(budgets_mod.ALL))
+    return {m: [budgets_mod.label(b) for b in budgets_mod.for_method(m, {})] for m in method_ids
+            if not cfg.budgets.get(m) and not (shared and methods.get(m).primary_knob is not None)}
 
 
 def new_manifest(cfg: RunConfig, argv: list[str], method_ids: list[str]) -> dict:

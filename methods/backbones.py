@@ -72,6 +72,10 @@ def create_digits_vit(
     )
 
 
+# Set by methods/variants.py when it loads: the variants build on this module, not the other way.
+study_builder: list = [None]
+
+
 @register_model
 def digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     if pretrained:
@@ -80,7 +84,5 @@ def digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
         kwargs.pop(key, None)
     options = {k: kwargs.pop(k) for k in ("pos", "norm", "attn", "block") if k in kwargs}
     if options:  # bench.toml [model] pos / norm / attn / block: a study variant (docs/avit_study.md)
-        from .variants import create_study_vit
-
-        return create_study_vit(options, **kwargs)
+        return study_builder[0](options, **kwargs)
     return create_digits_vit(**kwargs)

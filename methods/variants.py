@@ -29,6 +29,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from .backbones import create_digits_vit, study_builder
 from .macs import ViTShape, linear
 
 OPTIONS = {"pos": ("learned", "sincos", "rope"), "norm": ("layer", "instance"), "attn": ("dot", "cosine"), "block": ("attention", "mixer")}
@@ -252,9 +253,10 @@ def mixer_refusal(method_id: str, mode: str | None) -> str | None:
 
 def create_study_vit(options: dict[str, str], **kwargs) -> StudyViT:
     """The digits ViT (methods/backbones.py create_digits_vit's settings) with study ``options``."""
-    from .backbones import create_digits_vit
-
     return create_digits_vit(vit_class=partial(StudyViT, options), **kwargs)
+
+
+study_builder[0] = create_study_vit
 
 
 def _register(name: str, preset: dict[str, str]) -> None:
