@@ -63,8 +63,23 @@ def test_records_round_trip_through_pandas(run_dir):
     assert list(csv_back.columns) == list(df.columns)
 
 
-def test_old_records_without_a_schema_version_still_load():
-    base = Run(ROOT / "results" / "baselines" / "ci")
+def test_old_records_without_a_schema_version_still_load(tmp_path):
+    """A run written before the declaration (version 1: no schema_version column, finetuned left out
+    of dense rows) loads with the declared dtypes."""
+    import json
+    import shutil
+
+    old = tmp_path / "old-run"
+    shutil.copytree(ROOT / "results" / "baselines" / "ci", old)
+    lines = []
+    for line in (old / "records.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r.pop("schema_version", None)
+        if r["method"] == "deit":
+            r.pop("finetuned", None)
+        lines.append(json.dumps(r))
+    (old / "records.jsonl").write_text("\n".join(lines) + "\n")
+    base = Run(old)
     df = base.dataframe()
     assert "schema_version" not in df.columns and len(df) == len(base.records())
     assert all(isinstance(v, str) for v in df["arxiv"]) and str(df["finetuned"].dtype) == "boolean"
