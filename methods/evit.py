@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import Layout, sdpa
 from .base import TracedViT, adapt
-from .execution import block_on_rows, check_cls_pooling, check_timm_blocks, record_reduction
+from .execution import check_cls_pooling, check_timm_blocks, forward_reducing
 from .knobs import int_list, knob_error
 from .registry import Knob, MatchedCompute, MethodSpec, register
 
@@ -108,24 +108,16 @@ class EViT(TracedViT):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         knobs = self.bench_knobs
-        x = self.embed_tokens(img)
-        b, n, c = x.shape
-        state = _Reorganising(b, n, x.device, self.bench_mode == "reference")
         stages = set(reduction_blocks(len(self.blocks), knobs["blocks"]))
-        keep, fuse = float(knobs["keep"]), bool(knobs["fuse"])
-        rows = x.reshape(b * n, c)
-        tokens, entered = [], []
-        for i, blk in enumerate(self.blocks):
-            n = rows.shape[0] // b
-            tokens.append(n)
-            entered.append(state.origin)
+        keep, fuse, explicit = float(knobs["keep"]), bool(knobs["fuse"]), self.bench_mode == "reference"
+
+        def step(state: _Reorganising, i: int, blk: nn.Module, n: int):
             rank = i in stages and tokens_kept(n, keep) < n - 1
-            product = lambda q, k, v, lay, attn=blk.attn, rank=rank: state.product(q, k, v, lay, attn, rank)  # noqa: E731
-            between = (lambda t: state.reorganise(t, b, keep, fuse)) if rank else None
-            rows = block_on_rows(blk, rows, Layout(b, n), product, between)
-        logits = self.forward_head(self.norm(rows.view(b, -1, c)))
-        record_reduction(self, b, tokens, rows.shape[0] // b, kept_index=tuple(entered))
-        return logits
+            product = lambda q, k, v, lay: state.product(q, k, v, lay, blk.attn, rank)  # noqa: E731
+            return product, (lambda t: state.reorganise(t, t.shape[0] // n, keep, fuse)) if rank else None
+
+        make_state = lambda b, n, device: _Reorganising(b, n, device, explicit)  # noqa: E731
+        return forward_reducing(self, img, make_state, step, "kept_index")
 
     def tokens_entered(self, trace) -> torch.Tensor:
         """Original tokens entering each block; fused tokens stand for no single patch and are left

@@ -140,6 +140,29 @@ def tokens_from_depths(depths: torch.Tensor, depth: int) -> torch.Tensor:
     return (depths.unsqueeze(-1) > levels).sum(dim=1)
 
 
+def forward_reducing(model: nn.Module, img: torch.Tensor, make_state: Callable, step: Callable, index_name: str,
+                     extra_macs: Callable[[int, int], int] | None = None) -> torch.Tensor:
+    """The forward of a method that reduces every sample to the same count inside its blocks (ToMe,
+    EViT). ``make_state(B, N, device)`` holds the method's per-forward state, whose ``origin``
+    (B, n) is the original index of each token entering a block (recorded per block as the trace
+    field ``index_name``); ``step(state, block index, block, tokens entering)`` gives the block's
+    attention ``product`` and its ``between`` step (``block_on_rows``)."""
+    x = model.embed_tokens(img)
+    b, n, c = x.shape
+    state = make_state(b, n, x.device)
+    rows = x.reshape(b * n, c)
+    tokens, entered = [], []
+    for i, blk in enumerate(model.blocks):
+        n = rows.shape[0] // b
+        tokens.append(n)
+        entered.append(state.origin)
+        product, between = step(state, i, blk, n)
+        rows = block_on_rows(blk, rows, Layout(b, n), product, between)
+    logits = model.forward_head(model.norm(rows.view(b, -1, c)))
+    record_reduction(model, b, tokens, rows.shape[0] // b, extra_macs, **{index_name: tuple(entered)})
+    return logits
+
+
 def record_reduction(model: nn.Module, batch: int, tokens: list[int], n_final: int, extra_macs: Callable[[int, int], int] | None = None, **extras) -> None:
     """The trace of a forward in which every sample keeps the same count (ToMe, EViT): ``tokens``
     entering each block, ``n_final`` left at the end. Each block counts attention on the tokens it
@@ -207,6 +230,7 @@ __all__ = [
     "check_cls_pooling",
     "check_timm_blocks",
     "flat_rows",
+    "forward_reducing",
     "masked_block",
     "padded_layout",
     "record_reduction",

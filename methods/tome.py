@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .base import TracedViT, adapt
-from .execution import block_on_rows, check_cls_pooling, check_timm_blocks, record_reduction
+from .execution import check_cls_pooling, check_timm_blocks, forward_reducing
 from .attention import Layout, sdpa
 from .registry import Knob, MatchedCompute, MethodSpec, register
 
@@ -128,22 +128,18 @@ class ToMeViT(TracedViT):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         knobs = self.bench_knobs
-        x = self.embed_tokens(img)
-        b, n, c = x.shape
-        state = _Merging(b, n, x.device, bool(knobs["proportional"]), self.bench_mode == "reference", self.num_prefix_tokens == 1)
         schedule = merge_schedule(len(self.blocks), float(knobs["r"]), float(knobs["inflect"]))
-        rows = x.reshape(b * n, c)
-        tokens, entered = [], []
-        for blk, r in zip(self.blocks, schedule):
-            n = rows.shape[0] // b
-            tokens.append(n)
-            entered.append(state.origin)
-            product = lambda q, k, v, lay, attn=blk.attn: state.product(q, k, v, lay, attn)  # noqa: E731
-            rows = block_on_rows(blk, rows, Layout(b, n), product, lambda t, r=r: state.merge(t, r, b))
-        logits = self.forward_head(self.norm(rows.view(b, -1, c)))
+        explicit, protect_cls = self.bench_mode == "reference", self.num_prefix_tokens == 1
+
+        def make_state(b: int, n: int, device: torch.device) -> _Merging:
+            return _Merging(b, n, device, bool(knobs["proportional"]), explicit, protect_cls)
+
+        def step(state: _Merging, i: int, blk: nn.Module, n: int):
+            product = lambda q, k, v, lay: state.product(q, k, v, lay, blk.attn)  # noqa: E731
+            return product, lambda t: state.merge(t, schedule[i], t.shape[0] // n)
+
         head_dim = self.bench_shape.attn_dim // self.bench_shape.num_heads
-        record_reduction(self, b, tokens, rows.shape[0] // b, partial(matching_macs, head_dim=head_dim), merged_index=tuple(entered))
-        return logits
+        return forward_reducing(self, img, make_state, step, "merged_index", partial(matching_macs, head_dim=head_dim))
 
     def tokens_entered(self, trace) -> torch.Tensor:
         """A merged token counts as its representative's (the B token the others merged into)."""
