@@ -490,6 +490,7 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
     done = (run.done_keys() if run is not None else set()) | (done or set())
     dense_gmacs = methods.vit_shape(vit).dense_gmacs()
     references: dict[tuple, nn.Module] = {}
+    calibration_inputs: dict[str, tuple] = {}  # gmacs:R groups: the samples each device searches on, made once
     timing_cpu = evalset.timing_inputs(cfg.timing.timing_samples, cfg.seed) if d.main else None
     # report plot 5: the same images for every method (images only: video token maps are not drawn)
     overlay_cpu = timing_cpu[: tokenmap.N_IMAGES] if timing_cpu is not None and evalset.views is None else None
@@ -504,7 +505,7 @@ def _run_groups(cfg: RunConfig, run: Run | None, groups: list[Group], vit: nn.Mo
             continue
         reporter.cell_started(number + 1, planned)
         spec = methods.get(g.method)
-        model, method_info = _group_model(cfg, g, spec, vit, backbone_info, reporter, evalset)
+        model, method_info = _group_model(cfg, g, spec, vit, backbone_info, reporter, evalset, calibration_inputs)
         reference = _dense_reference(cfg, g, vit, references)
         name = f"{g.method} {g.budget}"
         with kernels.attention_context(cfg.attention):
@@ -551,9 +552,10 @@ def cell_line(r: dict) -> str:
 
 
 def _group_model(cfg: RunConfig, g: Group, spec: methods.MethodSpec, vit: nn.Module, backbone_info: dict,
-                 reporter: Reporter, evalset: datasets.EvalSet) -> tuple[nn.Module, dict]:
+                 reporter: Reporter, evalset: datasets.EvalSet, calibration_inputs: dict) -> tuple[nn.Module, dict]:
     """The group's model with its (fine-tuned) weights, on its device, ready to run; a gmacs:R
-    group's knob is calibrated first (``g.knobs`` then holds the value found)."""
+    group's knob is calibrated first (``g.knobs`` then holds the value found). ``calibration_inputs``
+    keeps the calibration samples per device for the run: every group searches on the same ones."""
     state, method_info = method_weights(cfg, spec, vit, g.knobs, backbone_info, reporter)
 
     def build(knobs: dict) -> nn.Module:
@@ -563,7 +565,10 @@ def _group_model(cfg: RunConfig, g: Group, spec: methods.MethodSpec, vit: nn.Mod
         return model.to(g.device).eval()
 
     if g.target is not None:
-        batches, split = calibration_batches(cfg, evalset, g.device)
+        key = str(g.device)
+        if key not in calibration_inputs:
+            calibration_inputs[key] = calibration_batches(cfg, evalset, g.device)
+        batches, split = calibration_inputs[key]
         cal = calibrate.calibrate(build, spec, g.knobs, g.target, batches, methods.vit_shape(vit).dense_gmacs(), split)
         g.knobs = {**g.knobs, cal.knob: cal.value}
         method_info = {**method_info, **cal.fields()}
